@@ -1,0 +1,3 @@
+"""klaviyo-bridge: Whiplash order statuses into each merchant's own Klaviyo account."""
+
+__version__ = "0.1.0"
