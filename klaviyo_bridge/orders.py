@@ -1,13 +1,61 @@
 """Whiplash order model and its parser: raw JSON in, a typed ``Order`` or ``MalformedOrder`` out.
 
-Pure: no I/O. Every timestamp leaves here as an aware UTC datetime whatever offset Whiplash used.
+Pure: no I/O. Invariants:
+- every timestamp leaves here as an aware UTC datetime whatever offset Whiplash used;
+- ``parse_order`` raises ``MalformedOrder`` and nothing else, whatever JSON value it is given;
+- the fields the bridge decides with (``id``, ``status``, ``updated_at``) and the money fields
+  (item ``quantity`` and ``price``) are strict; display fields are tolerant: a blank or mistyped
+  one becomes None (or is dropped from its list) rather than costing the customer an email.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
-from decimal import Decimal
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeGuard
+
+from klaviyo_bridge.errors import MalformedOrder
+
+# Whiplash v2 `status` → `status_name` (whiplash-api.md §4, ApiV2EntitiesOrder.status enum).
+STATUS_NAMES: Mapping[int, str] = {
+    30: "Shipped Externally",
+    35: "Quote",
+    40: "Cancelled",
+    45: "Closed by Originator",
+    50: "Unpaid",
+    75: "Pending Return",
+    77: "Return Verified",
+    80: "Pre-Order",
+    90: "Paused",
+    95: "Insufficient Inventory",
+    100: "Processing",
+    120: "Printed",
+    140: "Pending Pick Confirmation",
+    150: "Picked",
+    155: "Prepacking in Progress",
+    160: "Packed",
+    200: "Label Scheduled for Purchase",
+    250: "Label Purchased",
+    300: "Shipped",
+    325: "Picked Up",
+    350: "Delivered",
+    375: "Return Expired",
+    380: "Replacement Cancelled",
+    400: "Returned Undeliverable",
+    410: "Replacement Requested",
+    430: "Exchanged",
+    450: "Refund Requested",
+}
+
+EXCERPT_CHARS = 200
+# SQLite INTEGER is signed 64-bit; a larger id or status could not be remembered.
+_MAX_INT64 = 2**63 - 1
+# Bounds that keep Σ price×quantity a finite float; anything beyond is garbage, not an order.
+_MAX_QUANTITY = 10**9
+_MAX_PRICE = Decimal(10) ** 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +107,239 @@ class Order:
     def key(self) -> tuple[datetime, int]:
         """Return the keyset position (updated_at, id) used for paging and cursors."""
         return (self.updated_at, self.id)
+
+
+class _Bad(Exception):
+    """Internal: one field is unusable; ``parse_order`` adds the id and excerpt."""
+
+
+# ---------------------------------------------------------------- public API
+
+
+def parse_order(obj: object) -> Order:
+    """Parse one raw Whiplash order; raise ``MalformedOrder`` if it cannot be used."""
+    order_id = order_id_of(obj)
+    try:
+        return _parse(obj)
+    except _Bad as exc:
+        raise MalformedOrder(order_id, str(exc), excerpt(obj)) from None
+
+
+def order_id_of(obj: object) -> int | None:
+    """Return the raw order's usable id, or None."""
+    if not isinstance(obj, dict):
+        return None
+    try:
+        return _order_id(obj.get("id"))
+    except _Bad:
+        return None
+
+
+def order_key(obj: object) -> tuple[datetime, int] | None:
+    """Return the raw order's (updated_at UTC, id) keyset position, or None if either is unusable."""
+    order_id = order_id_of(obj)
+    if order_id is None or not isinstance(obj, dict):
+        return None
+    updated_at = _aware_datetime(obj.get("updated_at"))
+    return None if updated_at is None else (updated_at, order_id)
+
+
+def excerpt(obj: object, limit: int = EXCERPT_CHARS) -> str:
+    """Return compact JSON of ``obj`` cut to ``limit`` characters; never raises."""
+    try:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=repr)
+    except Exception:  # circular, huge ints, odd keys: an excerpt must never hide the real error
+        text = _safe_repr(obj)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _safe_repr(obj: object) -> str:
+    try:
+        return repr(obj)
+    except Exception:
+        return f"<unprintable {type(obj).__name__}>"
+
+
+# ---------------------------------------------------------------- the order
+
+
+def _parse(obj: object) -> Order:
+    if not isinstance(obj, dict):
+        raise _Bad(f"order is a {_kind(obj)}, not an object")
+    order_id, status = _order_id(obj.get("id")), _status(obj.get("status"))
+    updated_at = _aware_datetime(obj.get("updated_at"))
+    if updated_at is None:
+        raise _Bad("updated_at missing or not an ISO-8601 time with offset")
+    return Order(
+        id=order_id,
+        customer_id=_opt_int(obj.get("customer_id")),
+        status=status,
+        status_name=_opt_str(obj.get("status_name")),
+        updated_at=updated_at,
+        email=_email(obj.get("email")),
+        first_name=_opt_str(obj.get("first_name")),
+        last_name=_opt_str(obj.get("last_name")),
+        shipping_name=_opt_str(obj.get("shipping_name")),
+        shipping_company=_opt_str(obj.get("shipping_company")),
+        humanize_id=_id_str(obj.get("humanize_id")),
+        shop_order_id=_id_str(_field(obj.get("originator"), "original_id")),
+        items=tuple(_item(i, raw) for i, raw in enumerate(_dicts(obj.get("order_items")))),
+        tracking=_str_list(obj.get("tracking")),
+        tracking_links=_str_list(obj.get("tracking_links")),
+        packages=tuple(_package(raw) for raw in _dicts(obj.get("packages"))),
+        **_shipping(obj),
+    )
+
+
+def _shipping(obj: dict[Any, Any]) -> dict[str, Any]:
+    method = obj.get("shipping_method")
+    # v2.1 flattens shipping_method into shipping_method_{carrier,name}; read both shapes.
+    carrier = _opt_str(_field(method, "carrier")) or _opt_str(obj.get("shipping_method_carrier"))
+    name = _opt_str(_field(method, "name")) or _opt_str(obj.get("shipping_method_name"))
+    return {
+        "carrier": carrier,
+        "shipping_method": _opt_str(obj.get("ship_method")) or name,
+        "shipped_on": _aware_datetime(obj.get("shipped_on")),
+        "estimated_delivery": _date(obj.get("approximate_delivery_date")),
+    }
+
+
+def _item(index: int, raw: dict[Any, Any]) -> OrderItem:
+    return OrderItem(
+        sku=_opt_str(raw.get("sku")),
+        name=_opt_str(raw.get("description")),
+        quantity=_quantity(index, raw.get("quantity")),
+        price=_price(index, raw.get("price")),
+        currency=_currency(raw.get("currency")),
+    )
+
+
+def _package(raw: dict[Any, Any]) -> Package:
+    return Package(
+        tracking=_opt_str(raw.get("tracking")),
+        tracking_link=_opt_str(raw.get("tracking_link")),
+        shipped_on=_aware_datetime(raw.get("shipped_on")),
+    )
+
+
+# ---------------------------------------------------------------- strict fields
+
+
+def _order_id(value: object) -> int:
+    if not _is_int(value) or not 0 < value <= _MAX_INT64:
+        raise _Bad("id missing or not a positive integer")
+    return value
+
+
+def _status(value: object) -> int:
+    if not _is_int(value) or not -_MAX_INT64 <= value <= _MAX_INT64:
+        raise _Bad("status missing or not an integer")
+    return value
+
+
+def _quantity(index: int, value: object) -> int:
+    if value is None:
+        return 1
+    if not _is_int(value) or not 0 <= value <= _MAX_QUANTITY:
+        raise _Bad(f"order_items[{index}].quantity is not a non-negative integer")
+    return value
+
+
+def _price(index: int, value: object) -> Decimal | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    price = _decimal(value)
+    if price is None or not price.is_finite() or not 0 <= price < _MAX_PRICE:
+        raise _Bad(f"order_items[{index}].price is not a decimal amount")
+    return price
+
+
+def _decimal(value: object) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        value = repr(value)  # repr gives the shortest decimal that round-trips: 72.99 stays 72.99
+    if not isinstance(value, int | str):
+        return None
+    try:
+        return Decimal(value)
+    except (InvalidOperation, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- tolerant fields
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _opt_int(value: object) -> int | None:
+    return value if _is_int(value) and abs(value) <= _MAX_INT64 else None
+
+
+def _opt_str(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    return value.strip() or None
+
+
+def _id_str(value: object) -> str | None:
+    """Return a string or integer identifier as text (shop ids come as either)."""
+    if _is_int(value) and abs(value) <= _MAX_INT64:
+        return str(value)
+    return _opt_str(value)
+
+
+def _email(value: object) -> str | None:
+    text = _opt_str(value)
+    return text.lower() if text is not None and "@" in text else None
+
+
+def _currency(value: object) -> str | None:
+    text = _opt_str(value)
+    return None if text is None else text.upper()
+
+
+def _field(value: object, name: str) -> object:
+    return value.get(name) if isinstance(value, dict) else None
+
+
+def _dicts(value: object) -> Iterable[dict[Any, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _str_list(value: object) -> tuple[str, ...]:
+    raw = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return tuple(s for s in map(_opt_str, raw) if s is not None)
+
+
+def _aware_datetime(value: object) -> datetime | None:
+    """Return an ISO-8601 time with offset as UTC; None if absent, unparseable or naive."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+        # A naive time could be any zone; guessing would shift every event by hours.
+        return None if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _date(value: object) -> date | None:
+    """Return the calendar date of "YYYY-MM-DD" or of a datetime string, as written."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).date()
+    except ValueError:
+        return None
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
