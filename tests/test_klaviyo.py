@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import aioresponses.core as aioresponses_core
 import pytest
 from aioresponses import aioresponses
 from pydantic import SecretStr
@@ -80,27 +79,6 @@ def fake() -> FakeTime:
     return FakeTime()
 
 
-class _UploadedWriter:
-    """Stands in for the request's stream writer: the mocked upload is already complete."""
-
-    output_size = 0
-
-
-class _MockedResponse(aiohttp.ClientResponse):
-    """ClientResponse as aioresponses 0.7.9 builds it, plus the ``stream_writer`` aiohttp 3.14 requires."""
-
-    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
-        kwargs.setdefault("stream_writer", _UploadedWriter())
-        super().__init__(method, url, **kwargs)
-
-
-@pytest.fixture
-def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
-    # aioresponses 0.7.9 predates aiohttp 3.14's required ClientResponse(stream_writer=...)
-    # (pnuckowski/aioresponses#289, unreleased fix #288); drop this shim once a release has it.
-    monkeypatch.setattr(aioresponses_core, "ClientResponse", _MockedResponse)
-    with aioresponses() as m:
-        yield m
 
 
 @pytest.fixture

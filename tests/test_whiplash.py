@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
-import aioresponses.core as aioresponses_core
 import pytest
 from aioresponses import CallbackResult, aioresponses
 from pydantic import SecretStr
@@ -166,22 +164,6 @@ def assert_secret_free(exc: BaseException, *extra: str) -> None:
 # --- fixtures ----------------------------------------------------------------------------------------
 
 
-class _CompatResponse(aiohttp.ClientResponse):
-    """ClientResponse that tolerates aioresponses 0.7.9 omitting aiohttp 3.14's ``stream_writer``.
-
-    Known incompatibility: pnuckowski/aioresponses#289 (open). Remove once aioresponses passes it.
-    """
-
-    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
-        kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
-        super().__init__(method, url, **kwargs)
-
-
-@pytest.fixture
-def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
-    monkeypatch.setattr(aioresponses_core, "ClientResponse", _CompatResponse)
-    with aioresponses() as m:
-        yield m
 
 
 @pytest.fixture
