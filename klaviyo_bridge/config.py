@@ -1,0 +1,681 @@
+"""Load, resolve and validate the bridge's TOML configuration into one frozen ``Settings`` tree.
+
+Invariants kept here:
+- ``load_config`` either returns a fully valid, frozen ``Settings`` or raises ``ConfigError`` listing every
+  problem it found, one line each, as ``"<key path>: <why>"``; no TOML input produces any other exception.
+- Secret values are only ever held as ``SecretStr``; no problem line, warning, repr or str shows one
+  (a literal secret is never echoed either, only reported as a warning).
+- The TOML file is the only source of settings (no hidden environment overrides); the environment is
+  consulted solely to resolve ``env:`` and ``credential:`` secret references.
+- Every Whiplash status code maps to at most one event; metric names are pairwise distinct;
+  customer ids are unique.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from klaviyo_bridge.core import EventKind, Rules
+from klaviyo_bridge.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/klaviyo-bridge/config.toml")
+CONFIG_PATH_ENV = "KLAVIYO_BRIDGE_CONFIG"
+CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"
+
+# A secret file larger than this is certainly not a key; the cap also keeps /dev/zero-like paths harmless.
+_MAX_SECRET_BYTES = 64 * 1024
+_MAX_METRIC_NAME = 127
+_MAX_ECHO = 60
+# timedelta/datetime arithmetic overflows long before float does; ten years is far beyond any useful value.
+_MAX_STALE_HOURS = 10 * 365 * 24
+_MAX_INT32 = 2**31 - 1
+_MAX_INT64 = 2**63 - 1
+_LITERAL_SECRET = "literal secret in config file; use env:, file: or credential:"
+
+Loc = tuple[int | str, ...]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+Grant = Literal["client_credentials", "refresh_token"]
+
+
+# --- field checks -------------------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> PydanticCustomError:
+    """Build a validation error whose text is exactly ``message``."""
+    return PydanticCustomError("bridge_value", message)
+
+
+def _quote(text: str) -> str:
+    """Quote user text for a problem line, shortened so a pasted blob cannot flood the output."""
+    short = text if len(text) <= _MAX_ECHO else text[:_MAX_ECHO] + "…"
+    return json.dumps(short, ensure_ascii=False)
+
+
+def _non_blank(value: str) -> str:
+    """Reject empty and whitespace-only text."""
+    if not value.strip():
+        raise _fail("must not be empty")
+    return value
+
+
+def _http_url(value: str) -> str:
+    """Accept an absolute http(s) URL without credentials, query or fragment; drop trailing slashes."""
+    if not _is_plain_http_url(value):
+        raise _fail(f"must be an http(s) URL like https://host (got {_quote(value)})")
+    return value.rstrip("/")
+
+
+def _is_plain_http_url(value: str) -> bool:
+    """Tell whether ``value`` is http(s)://host[:port][/path] with nothing that could hide a secret."""
+    try:
+        parts = urlsplit(value)
+        port_ok = parts.port != 0  # .port raises ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        return False
+    return (
+        port_ok
+        and parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and not parts.query
+        and not parts.fragment
+        and not any(ch.isspace() for ch in value)
+    )
+
+
+_REVISION = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})(\.[A-Za-z0-9]+)?")
+
+
+def _revision(value: str) -> str:
+    """Accept a Klaviyo API revision: YYYY-MM-DD with an optional .suffix."""
+    match = _REVISION.fullmatch(value)
+    try:
+        valid = match is not None and bool(date.fromisoformat(match.group(1)))
+    except ValueError:
+        valid = False
+    if not valid:
+        raise _fail(f"must be a revision date like 2026-07-15 or 2026-07-15.pre (got {_quote(value)})")
+    return value
+
+
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+def _email(value: str) -> str:
+    """Accept something shaped like an email address."""
+    if len(value) > 254 or not _EMAIL.fullmatch(value):
+        raise _fail(f"must be an email address (got {_quote(value)})")
+    return value
+
+
+def _metric_name(value: str) -> str:
+    """Accept a Klaviyo metric name: not blank and shorter than 128 characters."""
+    _non_blank(value)
+    if len(value) > _MAX_METRIC_NAME:
+        raise _fail(f"must be at most {_MAX_METRIC_NAME} characters (got {len(value)})")
+    return value
+
+
+def _state_path(value: Any) -> Any:
+    """Reject an empty or NUL-containing path before pathlib turns "" into the current directory."""
+    if isinstance(value, str) and (not value.strip() or "\x00" in value):
+        raise _fail("must be a file path")
+    return value
+
+
+def _listen_address(value: str) -> str:
+    """Accept "host:port" (IPv6 hosts in brackets) with a port in 1..65535."""
+    if _split_host_port(value) is None:
+        example = '"127.0.0.1:9464"'
+        raise _fail(f'must be "host:port" with a port in 1..65535, e.g. {example} (got {_quote(value)})')
+    return value
+
+
+def _split_host_port(value: str) -> tuple[str, int] | None:
+    """Split "host:port" into its parts, or return None when it is not one."""
+    host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return None  # an unbracketed IPv6 address is ambiguous
+    if not host or any(ch.isspace() for ch in host) or not (port.isascii() and port.isdigit()):
+        return None
+    number = int(port)
+    return (host, number) if 1 <= number <= 65535 else None
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Str = Annotated[str, Strict()]
+NonEmptyStr = Annotated[str, Strict(), AfterValidator(_non_blank)]
+HttpUrlStr = Annotated[str, Strict(), AfterValidator(_http_url)]
+MetricName = Annotated[str, Strict(), AfterValidator(_metric_name)]
+StatusCode = Annotated[int, Strict(), Field(ge=0, le=_MAX_INT32)]
+Secret = Annotated[SecretStr, Field(min_length=1)]
+
+
+def _raise_cross(problems: list[tuple[Loc, str]]) -> None:
+    """Raise one error carrying several (relative key path, why) problems, if there are any."""
+    if problems:
+        summary = "; ".join(f"{_format_loc(loc)}: {why}" for loc, why in problems)
+        context = {"summary": summary, "problems": tuple(problems)}
+        raise PydanticCustomError("cross_field", "{summary}", context)
+
+
+# --- settings models ----------------------------------------------------------------------------------------
+
+
+class BridgeSettings(BaseModel):
+    """Process-wide settings: where state lives, how often to poll, how to log and stop."""
+
+    # Spelled out per class: the pydantic mypy plugin only sees a literal ConfigDict(frozen=True).
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state_path: Path
+    poll_interval_seconds: Float = Field(default=60.0, ge=1)
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    shutdown_grace_seconds: Float = Field(default=20.0, gt=0)
+    metrics_listen: Annotated[str, Strict(), AfterValidator(_listen_address)] | None = None
+
+    _check_state_path = field_validator("state_path", mode="before")(_state_path)
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Return the (host, port) to serve metrics on (IPv6 without brackets), or None when disabled."""
+        return None if self.metrics_listen is None else _split_host_port(self.metrics_listen)
+
+
+class WhiplashSettings(BaseModel):
+    """How to reach and authenticate against the Whiplash API."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: HttpUrlStr = "https://www.getwhiplash.com"
+    grant: Grant = "client_credentials"
+    client_id: NonEmptyStr
+    client_secret: Secret
+    refresh_token: Secret | None = None
+    scope: NonEmptyStr = "app_read"
+    page_size: Int = Field(default=50, ge=1, le=500)
+    overlap_seconds: Int = Field(default=300, ge=0, le=86400)
+    timeout_seconds: Float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _refresh_token_for_grant(self) -> Self:
+        """Require a refresh token to seed the refresh_token grant."""
+        if self.grant == "refresh_token" and self.refresh_token is None:
+            _raise_cross([(("refresh_token",), 'required when grant = "refresh_token"')])
+        return self
+
+
+class KlaviyoSettings(BaseModel):
+    """How to reach the Klaviyo API, shared by every customer's account."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: HttpUrlStr = "https://a.klaviyo.com"
+    revision: Annotated[str, Strict(), AfterValidator(_revision)] = "2026-07-15"
+    rate_limit_share: Float = Field(default=0.8, gt=0, le=1)
+    default_profile_email: Annotated[str, Strict(), AfterValidator(_email)]
+    timeout_seconds: Float = Field(default=30.0, gt=0)
+    key_probe_seconds: Float = Field(default=300.0, ge=1, le=86400)
+
+
+class EventSettings(BaseModel):
+    """Klaviyo metric name for each milestone, and when a change is too old to email about."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    processing: MetricName = "Processing order"
+    cancelled: MetricName = "Order cancelled"
+    shipped: MetricName = "Order shipped"
+    delivered: MetricName = "Order delivered"
+    stale_after_hours: Float = Field(default=72.0, gt=0, le=_MAX_STALE_HOURS)
+
+    def name_for(self, kind: EventKind) -> str:
+        """Return the metric name configured for ``kind``."""
+        name: str = getattr(self, kind.value)
+        return name
+
+    @model_validator(mode="after")
+    def _names_distinct(self) -> Self:
+        """Reject two milestones sharing one metric (flows could not tell them apart)."""
+        first: dict[str, EventKind] = {}
+        problems: list[tuple[Loc, str]] = []
+        for kind in EventKind:
+            name = self.name_for(kind)
+            owner = first.setdefault(name.strip().casefold(), kind)
+            if owner is not kind:
+                problems.append(((kind.value,), f"same metric name as events.{owner.value} ({_quote(name)})"))
+        _raise_cross(problems)
+        return self
+
+
+class StatusSettings(BaseModel):
+    """Which Whiplash status codes announce which milestone."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    processing: tuple[StatusCode, ...] = (100, 120, 140, 150, 155, 160, 200, 250)
+    # 45 "Closed by Originator" is deliberately absent: see config.example.toml.
+    cancelled: tuple[StatusCode, ...] = (40,)
+    shipped: tuple[StatusCode, ...] = (300,)
+    delivered: tuple[StatusCode, ...] = (350,)
+
+    def codes_for(self, kind: EventKind) -> tuple[int, ...]:
+        """Return the status codes that announce ``kind``."""
+        codes: tuple[int, ...] = getattr(self, kind.value)
+        return codes
+
+    def event_by_code(self) -> dict[int, EventKind]:
+        """Return the status code → event mapping."""
+        return {code: kind for kind in EventKind for code in self.codes_for(kind)}
+
+    @model_validator(mode="after")
+    def _codes_unique(self) -> Self:
+        """Reject a status code listed twice: one status change must mean one milestone."""
+        first: dict[int, tuple[EventKind, int]] = {}
+        problems: list[tuple[Loc, str]] = []
+        for kind in EventKind:
+            for index, code in enumerate(self.codes_for(kind)):
+                owner, at = first.setdefault(code, (kind, index))
+                if (owner, at) != (kind, index):
+                    where = f"statuses.{owner.value}[{at}]"
+                    problems.append(((kind.value, index), f"status {code} is already listed at {where}"))
+        _raise_cross(problems)
+        return self
+
+
+class CustomerSettings(BaseModel):
+    """One merchant: its Whiplash customer id and its own Klaviyo account."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    whiplash_customer_id: Int = Field(gt=0, le=_MAX_INT64)
+    name: NonEmptyStr
+    klaviyo_api_key: Secret
+    launch_date: Annotated[date, Strict()]  # changes before 00:00 UTC that day are backfill
+    backfill_days: Int = Field(default=14, ge=0, le=14)
+    list_name: NonEmptyStr = "Whiplash"
+    enabled: Annotated[bool, Strict()] = True
+
+
+class Settings(BaseModel):
+    """The whole validated configuration."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bridge: BridgeSettings
+    whiplash: WhiplashSettings
+    klaviyo: KlaviyoSettings
+    events: EventSettings = Field(default_factory=EventSettings)
+    statuses: StatusSettings = Field(default_factory=StatusSettings)
+    customers: tuple[CustomerSettings, ...] = ()
+
+    @field_validator("customers")
+    @classmethod
+    def _ids_unique(cls, customers: tuple[CustomerSettings, ...]) -> tuple[CustomerSettings, ...]:
+        """Reject two entries for one Whiplash customer (their orders would be sent twice)."""
+        first: dict[int, int] = {}
+        problems: list[tuple[Loc, str]] = []
+        for index, customer in enumerate(customers):
+            cid = customer.whiplash_customer_id
+            earlier = first.setdefault(cid, index)
+            if earlier != index:
+                why = f"duplicate of customers[{earlier}] ({cid})"
+                problems.append(((index, "whiplash_customer_id"), why))
+        _raise_cross(problems)
+        return customers
+
+    def enabled_customers(self) -> tuple[CustomerSettings, ...]:
+        """Return the customers the daemon should poll."""
+        return tuple(customer for customer in self.customers if customer.enabled)
+
+    def rules_for(self, customer: CustomerSettings) -> Rules:
+        """Build the pure-core rules for ``customer``."""
+        return Rules(
+            customer_id=customer.whiplash_customer_id,
+            launch_date=customer.launch_date,
+            metric_names={kind: self.events.name_for(kind) for kind in EventKind},
+            status_events=self.statuses.event_by_code(),
+            stale_after=timedelta(hours=self.events.stale_after_hours),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A valid configuration and the warnings found while loading it."""
+
+    settings: Settings
+    warnings: tuple[str, ...]
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Return $KLAVIYO_BRIDGE_CONFIG, or /etc/klaviyo-bridge/config.toml when it is unset or empty."""
+    env = os.environ if environ is None else environ
+    return Path(env.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read, resolve and validate the config at ``path``; raise ConfigError listing every problem."""
+    env = os.environ if environ is None else environ
+    raw = _read_toml(path)
+    secret_problems, warnings = _resolve_secrets(raw, env)
+    settings, problems = _validate(raw)
+    problems += secret_problems
+    if settings is None or problems:
+        raise ConfigError([_one_line(line) for line in problems])
+    warnings += _advice(settings)
+    return LoadedConfig(settings=settings, warnings=tuple(_one_line(line) for line in warnings))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """Parse the TOML file, turning every failure into a one-problem ConfigError."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([_one_line(f"{path}: invalid TOML: not UTF-8 (byte {exc.start})")]) from None
+    except OSError as exc:
+        raise ConfigError([_one_line(f"{path}: cannot read file ({_reason(exc)})")]) from None
+    except ValueError:  # an embedded NUL in the path
+        raise ConfigError([_one_line(f"{path}: cannot read file (invalid path)")]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_one_line(f"{path}: invalid TOML: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError([_one_line(f"{path}: invalid TOML: nested too deeply")]) from None
+
+
+def _reason(exc: OSError) -> str:
+    """Return the OS's words for ``exc``, e.g. "No such file or directory"."""
+    return exc.strerror or type(exc).__name__
+
+
+def _validate(raw: dict[str, Any]) -> tuple[Settings | None, list[str]]:
+    """Validate ``raw``; return the settings or the problem lines."""
+    try:
+        return Settings.model_validate(raw), []
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    # Outside the except block so no ValidationError (whose text may echo inputs) is chained anywhere.
+    return None, [line for error in errors for line in _problem_lines(error)]
+
+
+def _advice(settings: Settings) -> list[str]:
+    """Return warnings about valid but probably unintended settings."""
+    if 45 in settings.statuses.cancelled:
+        return [
+            'statuses.cancelled: 45 "Closed by Originator" means the shop closed or shipped the order '
+            "itself; its shoppers would get a wrong cancellation email"
+        ]
+    return []
+
+
+def _one_line(text: str) -> str:
+    """Escape anything that would break "one line per problem" (newlines, control characters)."""
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in text)
+
+
+# --- secrets ------------------------------------------------------------------------------------------------
+
+
+class _Unresolvable(Exception):
+    """A secret reference that cannot be turned into a value; ``why`` never contains the value."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def _secret_slots(raw: dict[str, Any]) -> Iterator[tuple[Loc, dict[str, Any], str]]:
+    """Yield (key path, table, key) for every place a secret may sit in the raw TOML."""
+    whiplash = raw.get("whiplash")
+    if isinstance(whiplash, dict):
+        for key in ("client_secret", "refresh_token"):
+            yield ("whiplash", key), whiplash, key
+    customers = raw.get("customers")
+    if isinstance(customers, list):
+        for index, customer in enumerate(customers):
+            if isinstance(customer, dict):
+                yield ("customers", index, "klaviyo_api_key"), customer, "klaviyo_api_key"
+
+
+def _resolve_secrets(raw: dict[str, Any], environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """Replace secret references in ``raw`` by their values; return (problems, warnings).
+
+    Non-string and empty values are left for validation to report; an unresolvable reference stays in place
+    (validation accepts it, so each problem is reported once) and the whole load fails anyway.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    for loc, table, key in _secret_slots(raw):
+        value = table.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        try:
+            table[key], is_literal = _resolve(value, environ)
+        except _Unresolvable as exc:
+            problems.append(f"{_format_loc(loc)}: {exc.why}")
+            continue
+        if is_literal:
+            warnings.append(f"{_format_loc(loc)}: {_LITERAL_SECRET}")
+    return problems, warnings
+
+
+def _resolve(value: str, environ: Mapping[str, str]) -> tuple[str, bool]:
+    """Return (secret, is_literal) for one configured secret string."""
+    scheme, sep, rest = value.partition(":")
+    resolver = _RESOLVERS.get(scheme) if sep else None
+    if resolver is None:
+        return _require_content(value, "the value"), True
+    return resolver(rest, environ), False
+
+
+def _require_content(value: str, what: str) -> str:
+    """Reject a blank secret; ``what`` names its source."""
+    if not value.strip():
+        raise _Unresolvable(f"{what} is empty")
+    return value
+
+
+def _from_env(name: str, environ: Mapping[str, str]) -> str:
+    """Resolve ``env:NAME``."""
+    if not name:
+        raise _Unresolvable('"env:" needs a variable name, e.g. "env:KLAVIYO_KEY"')
+    value = environ.get(name)
+    if value is None:
+        raise _Unresolvable(f"environment variable {name} is not set")
+    return _require_content(value, f"environment variable {name}")
+
+
+def _from_file(name: str, environ: Mapping[str, str]) -> str:
+    """Resolve ``file:/abs/path``."""
+    path = Path(name)
+    if not path.is_absolute():
+        raise _Unresolvable(f'"file:" needs an absolute path (got {_quote(name)})')
+    return _read_secret_file(path)
+
+
+def _from_credential(name: str, environ: Mapping[str, str]) -> str:
+    """Resolve ``credential:NAME`` from systemd's $CREDENTIALS_DIRECTORY."""
+    if not name or "/" in name or name in (".", ".."):
+        raise _Unresolvable(f'"credential:" needs a credential name without "/" (got {_quote(name)})')
+    directory = environ.get(CREDENTIALS_DIRECTORY_ENV)
+    if not directory:
+        raise _Unresolvable(
+            f"credential {name}: {CREDENTIALS_DIRECTORY_ENV} is not set "
+            "(start the bridge with systemd LoadCredential=)"
+        )
+    return _read_secret_file(Path(directory) / name)
+
+
+_RESOLVERS: dict[str, Callable[[str, Mapping[str, str]], str]] = {
+    "env": _from_env,
+    "file": _from_file,
+    "credential": _from_credential,
+}
+
+
+def _read_secret_file(path: Path) -> str:
+    """Return a secret file's text without its trailing newline."""
+    try:
+        # stat first: opening a FIFO would block and reading a device might never end.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise _Unresolvable(f"cannot read file {path} (not a regular file)")
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        raise _Unresolvable(f"cannot read file {path} ({_reason(exc)})") from None
+    except ValueError:  # an embedded NUL in the path
+        raise _Unresolvable(f"cannot read file {path} (invalid path)") from None
+    return _decode_secret(data, path)
+
+
+def _decode_secret(data: bytes, path: Path) -> str:
+    """Decode a secret file's bytes, rejecting oversized, non-UTF-8 and empty content."""
+    if len(data) > _MAX_SECRET_BYTES:
+        raise _Unresolvable(f"file {path} is larger than {_MAX_SECRET_BYTES // 1024} KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Unresolvable(f"file {path} is not UTF-8 text") from None
+    return _require_content(text.rstrip("\r\n"), f"file {path}")
+
+
+# --- pydantic errors → problem lines ------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_SECTIONS = frozenset({"bridge", "whiplash", "klaviyo"})
+_TOML_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "boolean"),  # before int: bool is an int subclass
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (dict, "table"),
+    (list, "array"),
+    (datetime, "date-time"),  # before date: datetime is a date subclass
+    (date, "date"),
+    (time, "time"),
+)
+
+
+def _format_loc(loc: Loc) -> str:
+    """Render a key path like ``customers[1].backfill_days``."""
+    text = ""
+    for item in loc:
+        if isinstance(item, int):
+            text += f"[{item}]"
+        else:
+            key = item if _BARE_KEY.fullmatch(item) else json.dumps(item, ensure_ascii=False)
+            text += f".{key}" if text else key
+    return text or "(top level)"
+
+
+def _toml_type(value: Any) -> str:
+    """Name the TOML type of a parsed value."""
+    for kind, name in _TOML_TYPES:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _number(value: Any) -> str:
+    """Render a bound or an input number the way it would be written in TOML."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return str(value) if isinstance(value, int | float) else _toml_type(value)
+
+
+def _expects(what: str) -> Callable[[ErrorDetails], str]:
+    """Describe a type mismatch; only the input's type is shown, never its value (it may be a secret)."""
+    return lambda error: f"must be {what} (got {_toml_type(error.get('input'))})"
+
+
+def _bound(op: str, key: str) -> Callable[[ErrorDetails], str]:
+    """Describe a range violation; only numbers ever reach range checks, so echoing the input is safe."""
+
+    def describe(error: ErrorDetails) -> str:
+        limit = _number(error.get("ctx", {}).get(key))
+        return f"must be {op} {limit} (got {_number(error.get('input'))})"
+
+    return describe
+
+
+def _one_of(error: ErrorDetails) -> str:
+    """Describe a value outside an enumeration."""
+    expected = str(error.get("ctx", {}).get("expected", "")).replace("'", '"')
+    given = error.get("input")
+    shown = _quote(given) if isinstance(given, str) else _toml_type(given)
+    return f"must be one of {expected} (got {shown})"
+
+
+def _too_short(error: ErrorDetails) -> str:
+    """Describe a value that is too short."""
+    minimum = error.get("ctx", {}).get("min_length", 1)
+    return "must not be empty" if minimum == 1 else f"must have at least {minimum} characters"
+
+
+_MESSAGES: dict[str, Callable[[ErrorDetails], str]] = {
+    "missing": lambda error: "missing required key",
+    "extra_forbidden": lambda error: "unknown key",
+    "int_type": _expects("an integer"),
+    "float_type": _expects("a number"),
+    "finite_number": lambda error: "must be a finite number",
+    "string_type": _expects("a string"),
+    "path_type": _expects("a string"),
+    "bool_type": _expects("true or false"),
+    "date_type": _expects("a date like 2026-08-01, unquoted"),
+    "tuple_type": _expects("an array"),
+    "list_type": _expects("an array"),
+    "model_type": _expects("a table"),
+    "model_attributes_type": _expects("a table"),
+    "dict_type": _expects("a table"),
+    "greater_than": _bound(">", "gt"),
+    "greater_than_equal": _bound(">=", "ge"),
+    "less_than": _bound("<", "lt"),
+    "less_than_equal": _bound("<=", "le"),
+    "literal_error": _one_of,
+    "too_short": _too_short,
+    "string_too_short": _too_short,
+}
+
+
+def _problem_lines(error: ErrorDetails) -> list[str]:
+    """Turn one pydantic error into "<key path>: <why>" lines (a cross-field error may hold several)."""
+    loc: Loc = tuple(error.get("loc", ()))
+    if error.get("type") == "cross_field":
+        nested = error.get("ctx", {}).get("problems", ())
+        return [f"{_format_loc(loc + tuple(sub))}: {why}" for sub, why in nested]
+    if error.get("type") == "missing" and len(loc) == 1 and loc[0] in _SECTIONS:
+        return [f"{loc[0]}: missing required table [{loc[0]}]"]
+    describe = _MESSAGES.get(error.get("type", ""))
+    return [f"{_format_loc(loc)}: {describe(error) if describe else error.get('msg', 'invalid value')}"]

@@ -1,0 +1,860 @@
+"""Tests for klaviyo_bridge.config: loading, validation problems, secret references, rules, robustness."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from klaviyo_bridge.config import (
+    DEFAULT_CONFIG_PATH,
+    BridgeSettings,
+    CustomerSettings,
+    EventSettings,
+    KlaviyoSettings,
+    LoadedConfig,
+    Settings,
+    StatusSettings,
+    WhiplashSettings,
+    default_config_path,
+    load_config,
+)
+from klaviyo_bridge.core import EventKind, Rules
+from klaviyo_bridge.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+WHIPLASH_SECRET = "wl-secret-Q7vX2"
+KLAVIYO_KEY = "pk_live_secret_9Zr4"
+OTHER_KEY = "pk_live_other_3Kd8"
+ENV = {"WL_SECRET": WHIPLASH_SECRET, "KEY_1234": KLAVIYO_KEY, "KEY_99": OTHER_KEY}
+ALL_SECRETS = (WHIPLASH_SECRET, KLAVIYO_KEY, OTHER_KEY)
+
+DROP = object()  # marks a key to remove in an override
+LISTEN_HINT = 'must be "host:port" with a port in 1..65535, e.g. "127.0.0.1:9464"'
+
+
+# --- a tiny TOML writer (everything as inline tables, so nesting is arbitrary) --------------------
+
+
+def toml_string(text: str) -> str:
+    """Quote text as a TOML basic string (JSON escapes are valid TOML escapes, except DEL)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def toml_value(value: Any) -> str:
+    """Render one value as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return {"inf": "inf", "-inf": "-inf", "nan": "nan"}.get(repr(value), repr(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{toml_string(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Render a document as TOML."""
+    return "".join(f"{toml_string(key)} = {toml_value(value)}\n" for key, value in data.items())
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def customer(**overrides: Any) -> dict[str, Any]:
+    """Return a valid customer table with ``overrides`` applied."""
+    base: dict[str, Any] = {
+        "whiplash_customer_id": 1234,
+        "name": "Acme",
+        "klaviyo_api_key": "env:KEY_1234",
+        "launch_date": date(2026, 8, 1),
+    }
+    return merge(base, overrides)
+
+
+def base_config() -> dict[str, Any]:
+    """Return a minimal valid configuration (everything else defaulted)."""
+    return {
+        "bridge": {"state_path": "/var/lib/klaviyo-bridge/state.db"},
+        "whiplash": {"client_id": "app-id", "client_secret": "env:WL_SECRET"},
+        "klaviyo": {"default_profile_email": "samples@example.com"},
+        "customers": [customer()],
+    }
+
+
+def merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base``; DROP removes a key, lists replace wholesale."""
+    result = dict(base)
+    for key, value in overrides.items():
+        if value is DROP:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def write(tmp_path: Path, overrides: Mapping[str, Any] | None = None, *, text: str | None = None) -> Path:
+    """Write a config file: the base config with ``overrides``, or ``text`` verbatim."""
+    path = tmp_path / "config.toml"
+    path.write_text(text if text is not None else to_toml(merge(base_config(), overrides or {})), "utf-8")
+    return path
+
+
+def load(
+    tmp_path: Path, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] = ENV
+) -> LoadedConfig:
+    """Load the base config with ``overrides``."""
+    return load_config(write(tmp_path, overrides), env)
+
+
+def problems(
+    tmp_path: Path, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] = ENV
+) -> list[str]:
+    """Return the problem lines loading the base config with ``overrides`` raises."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, overrides, env)
+    return info.value.problems
+
+
+def credentials_dir(tmp_path: Path, values: Mapping[str, str]) -> Path:
+    """Create a systemd-style credentials directory holding ``values``."""
+    directory = tmp_path / "credentials"
+    directory.mkdir()
+    for name, value in values.items():
+        (directory / name).write_text(value + "\n", "utf-8")
+    return directory
+
+
+# --- the example file and defaults ----------------------------------------------------------------
+
+
+def test_example_config_loads_with_credentials(tmp_path: Path) -> None:
+    creds = {
+        "whiplash-client-secret": WHIPLASH_SECRET,
+        "klaviyo-1234": KLAVIYO_KEY,
+        "klaviyo-5678": OTHER_KEY,
+    }
+    directory = credentials_dir(tmp_path, creds)
+
+    loaded = load_config(EXAMPLE, {"CREDENTIALS_DIRECTORY": str(directory)})
+
+    s = loaded.settings
+    assert loaded.warnings == ()
+    assert s.bridge.state_path == Path("/var/lib/klaviyo-bridge/state.db")
+    assert s.whiplash.client_secret.get_secret_value() == WHIPLASH_SECRET
+    assert [c.klaviyo_api_key.get_secret_value() for c in s.customers] == [KLAVIYO_KEY, OTHER_KEY]
+    assert [c.whiplash_customer_id for c in s.enabled_customers()] == [1234]
+    assert 45 not in s.statuses.event_by_code()
+
+
+def test_example_config_shows_every_default(tmp_path: Path) -> None:
+    """Every default written in the example equals the model's default (the example documents them)."""
+    directory = credentials_dir(
+        tmp_path, {"whiplash-client-secret": "a", "klaviyo-1234": "b", "klaviyo-5678": "c"}
+    )
+    example = load_config(EXAMPLE, {"CREDENTIALS_DIRECTORY": str(directory)}).settings
+    minimal = load(tmp_path).settings
+
+    for section in ("bridge", "whiplash", "klaviyo"):
+        shown = getattr(example, section).model_dump(exclude={"client_id", "default_profile_email"})
+        defaulted = getattr(minimal, section).model_dump(exclude={"client_id", "default_profile_email"})
+        assert {k: str(v) for k, v in shown.items()} == {k: str(v) for k, v in defaulted.items()}, section
+    assert example.events == minimal.events
+    assert example.statuses == minimal.statuses
+    assert example.customers[0].backfill_days == minimal.customers[0].backfill_days
+
+
+def test_defaults_applied(tmp_path: Path) -> None:
+    s = load(tmp_path).settings
+
+    assert (s.bridge.poll_interval_seconds, s.bridge.log_level, s.bridge.log_format) == (60.0, "info", "text")
+    assert (s.bridge.shutdown_grace_seconds, s.bridge.metrics_listen) == (20.0, None)
+    assert s.bridge.metrics_address() is None
+    w = s.whiplash
+    assert (w.base_url, w.grant, w.scope, w.refresh_token) == (
+        "https://www.getwhiplash.com",
+        "client_credentials",
+        "app_read",
+        None,
+    )
+    assert (w.page_size, w.overlap_seconds, w.timeout_seconds) == (50, 300, 30.0)
+    k = s.klaviyo
+    assert (k.base_url, k.revision, k.rate_limit_share, k.timeout_seconds) == (
+        "https://a.klaviyo.com",
+        "2026-07-15",
+        0.8,
+        30.0,
+    )
+    names = {kind: s.events.name_for(kind) for kind in EventKind}
+    assert names == {
+        EventKind.PROCESSING: "Processing order",
+        EventKind.CANCELLED: "Order cancelled",
+        EventKind.SHIPPED: "Order shipped",
+        EventKind.DELIVERED: "Order delivered",
+    }
+    assert s.events.stale_after_hours == 72.0
+    assert s.statuses.processing == (100, 120, 140, 150, 155, 160, 200, 250)
+    assert (s.statuses.cancelled, s.statuses.shipped, s.statuses.delivered) == ((40,), (300,), (350,))
+    c = s.customers[0]
+    assert (c.backfill_days, c.list_name, c.enabled, c.launch_date) == (
+        14,
+        "Whiplash",
+        True,
+        date(2026, 8, 1),
+    )
+
+
+@pytest.mark.parametrize("customers", [[], DROP])
+def test_no_customers_is_valid(tmp_path: Path, customers: object) -> None:
+    assert load(tmp_path, {"customers": customers}).settings.customers == ()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "read"),
+    [
+        ({"whiplash": {"base_url": "https://sandbox.example.com/"}}, lambda s: s.whiplash.base_url),
+        ({"klaviyo": {"base_url": "http://127.0.0.1:8080//"}}, lambda s: s.klaviyo.base_url),
+    ],
+)
+def test_base_url_stored_without_trailing_slash(tmp_path: Path, overrides: dict[str, Any], read: Any) -> None:
+    assert not read(load(tmp_path, overrides).settings).endswith("/")
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("[::1]:9100", ("::1", 9100)),
+        ("localhost:1", ("localhost", 1)),
+    ],
+)
+def test_metrics_listen_accepted(tmp_path: Path, listen: str, address: tuple[str, int]) -> None:
+    assert load(tmp_path, {"bridge": {"metrics_listen": listen}}).settings.bridge.metrics_address() == address
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    s = load(tmp_path).settings
+    with pytest.raises(ValueError, match="frozen"):
+        s.bridge.poll_interval_seconds = 5  # type: ignore[misc]
+
+
+# --- one problem per case, exact line -------------------------------------------------------------
+
+ONE_PROBLEM: list[tuple[str, dict[str, Any], str]] = [
+    # unknown keys
+    ("unknown top-level table", {"metrics": {"port": 1}}, "metrics: unknown key"),
+    ("unknown top-level key", {"debug": True}, "debug: unknown key"),
+    (
+        "unknown nested key",
+        {"bridge": {"poll_intervl_seconds": 5}},
+        "bridge.poll_intervl_seconds: unknown key",
+    ),
+    ("unknown customer key", {"customers": [customer(colour="red")]}, "customers[0].colour: unknown key"),
+    ("unknown odd key quoted", {"bridge": {"a b": 1}}, 'bridge."a b": unknown key'),
+    # ranges
+    (
+        "poll interval",
+        {"bridge": {"poll_interval_seconds": 0.5}},
+        "bridge.poll_interval_seconds: must be >= 1 (got 0.5)",
+    ),
+    (
+        "grace zero",
+        {"bridge": {"shutdown_grace_seconds": 0}},
+        "bridge.shutdown_grace_seconds: must be > 0 (got 0)",
+    ),
+    (
+        "backfill",
+        {"customers": [customer(backfill_days=30)]},
+        "customers[0].backfill_days: must be <= 14 (got 30)",
+    ),
+    (
+        "backfill negative",
+        {"customers": [customer(backfill_days=-1)]},
+        "customers[0].backfill_days: must be >= 0 (got -1)",
+    ),
+    ("share 0", {"klaviyo": {"rate_limit_share": 0}}, "klaviyo.rate_limit_share: must be > 0 (got 0)"),
+    ("share 1.5", {"klaviyo": {"rate_limit_share": 1.5}}, "klaviyo.rate_limit_share: must be <= 1 (got 1.5)"),
+    ("page size 0", {"whiplash": {"page_size": 0}}, "whiplash.page_size: must be >= 1 (got 0)"),
+    ("page size 501", {"whiplash": {"page_size": 501}}, "whiplash.page_size: must be <= 500 (got 501)"),
+    (
+        "overlap",
+        {"whiplash": {"overlap_seconds": 86401}},
+        "whiplash.overlap_seconds: must be <= 86400 (got 86401)",
+    ),
+    ("timeout", {"klaviyo": {"timeout_seconds": -1.0}}, "klaviyo.timeout_seconds: must be > 0 (got -1)"),
+    ("stale", {"events": {"stale_after_hours": 0}}, "events.stale_after_hours: must be > 0 (got 0)"),
+    (
+        "customer id 0",
+        {"customers": [customer(whiplash_customer_id=0)]},
+        "customers[0].whiplash_customer_id: must be > 0 (got 0)",
+    ),
+    ("status negative", {"statuses": {"shipped": [-300]}}, "statuses.shipped[0]: must be >= 0 (got -300)"),
+    (
+        "infinite",
+        {"bridge": {"poll_interval_seconds": float("inf")}},
+        "bridge.poll_interval_seconds: must be a finite number",
+    ),
+    (
+        "nan",
+        {"whiplash": {"timeout_seconds": float("nan")}},
+        "whiplash.timeout_seconds: must be a finite number",
+    ),
+    # types
+    (
+        "int as string",
+        {"whiplash": {"page_size": "50"}},
+        "whiplash.page_size: must be an integer (got string)",
+    ),
+    ("int as float", {"whiplash": {"page_size": 50.0}}, "whiplash.page_size: must be an integer (got float)"),
+    (
+        "int as bool",
+        {"whiplash": {"overlap_seconds": True}},
+        "whiplash.overlap_seconds: must be an integer (got boolean)",
+    ),
+    (
+        "float as bool",
+        {"bridge": {"poll_interval_seconds": True}},
+        "bridge.poll_interval_seconds: must be a number (got boolean)",
+    ),
+    (
+        "bool as string",
+        {"customers": [customer(enabled="yes")]},
+        "customers[0].enabled: must be true or false (got string)",
+    ),
+    (
+        "date quoted",
+        {"customers": [customer(launch_date="2026-08-01")]},
+        "customers[0].launch_date: must be a date like 2026-08-01, unquoted (got string)",
+    ),
+    (
+        "date-time not date",
+        {"customers": [customer(launch_date=datetime(2026, 8, 1, 0, 0))]},
+        "customers[0].launch_date: must be a date like 2026-08-01, unquoted (got date-time)",
+    ),
+    ("section not table", {"events": 5}, "events: must be a table (got integer)"),
+    ("customers not array", {"customers": {"name": "x"}}, "customers: must be an array (got table)"),
+    ("customer not table", {"customers": ["acme"]}, "customers[0]: must be a table (got string)"),
+    (
+        "status list item",
+        {"statuses": {"shipped": [300, "x"]}},
+        "statuses.shipped[1]: must be an integer (got string)",
+    ),
+    ("status not list", {"statuses": {"shipped": 300}}, "statuses.shipped: must be an array (got integer)"),
+    ("path not string", {"bridge": {"state_path": 5}}, "bridge.state_path: must be a string (got integer)"),
+    (
+        "secret not string",
+        {"whiplash": {"client_secret": 12345}},
+        "whiplash.client_secret: must be a string (got integer)",
+    ),
+    ("metric not string", {"events": {"shipped": ["x"]}}, "events.shipped: must be a string (got array)"),
+    (
+        "log level",
+        {"bridge": {"log_level": "verbose"}},
+        'bridge.log_level: must be one of "debug", "info", "warning" or "error" (got "verbose")',
+    ),
+    (
+        "grant",
+        {"whiplash": {"grant": "password"}},
+        'whiplash.grant: must be one of "client_credentials" or "refresh_token" (got "password")',
+    ),
+    # values
+    ("empty path", {"bridge": {"state_path": ""}}, "bridge.state_path: must be a file path"),
+    ("empty client id", {"whiplash": {"client_id": " "}}, "whiplash.client_id: must not be empty"),
+    ("empty name", {"customers": [customer(name="")]}, "customers[0].name: must not be empty"),
+    ("empty list name", {"customers": [customer(list_name="")]}, "customers[0].list_name: must not be empty"),
+    ("empty secret", {"whiplash": {"client_secret": ""}}, "whiplash.client_secret: must not be empty"),
+    (
+        "bad url scheme",
+        {"whiplash": {"base_url": "ftp://example.com"}},
+        'whiplash.base_url: must be an http(s) URL like https://host (got "ftp://example.com")',
+    ),
+    (
+        "url with credentials",
+        {"klaviyo": {"base_url": "https://u:p@a.klaviyo.com"}},
+        'klaviyo.base_url: must be an http(s) URL like https://host (got "https://u:p@a.klaviyo.com")',
+    ),
+    (
+        "url bad port",
+        {"klaviyo": {"base_url": "https://a.klaviyo.com:99999"}},
+        'klaviyo.base_url: must be an http(s) URL like https://host (got "https://a.klaviyo.com:99999")',
+    ),
+    (
+        "revision",
+        {"klaviyo": {"revision": "2026-13-01"}},
+        'klaviyo.revision: must be a revision date like 2026-07-15 or 2026-07-15.pre (got "2026-13-01")',
+    ),
+    (
+        "email",
+        {"klaviyo": {"default_profile_email": "nobody"}},
+        'klaviyo.default_profile_email: must be an email address (got "nobody")',
+    ),
+    ("metric blank", {"events": {"delivered": "  "}}, "events.delivered: must not be empty"),
+    (
+        "metric too long",
+        {"events": {"delivered": "x" * 128}},
+        "events.delivered: must be at most 127 characters (got 128)",
+    ),
+    (
+        "metrics listen",
+        {"bridge": {"metrics_listen": "9464"}},
+        f'bridge.metrics_listen: {LISTEN_HINT} (got "9464")',
+    ),
+    (
+        "metrics listen v6",
+        {"bridge": {"metrics_listen": "::1:9464"}},
+        f'bridge.metrics_listen: {LISTEN_HINT} (got "::1:9464")',
+    ),
+    # missing
+    ("missing key", {"bridge": {"state_path": DROP}}, "bridge.state_path: missing required key"),
+    ("missing table", {"klaviyo": DROP}, "klaviyo: missing required table [klaviyo]"),
+    (
+        "missing customer key",
+        {"customers": [customer(launch_date=DROP)]},
+        "customers[0].launch_date: missing required key",
+    ),
+    (
+        "missing secret",
+        {"customers": [customer(klaviyo_api_key=DROP)]},
+        "customers[0].klaviyo_api_key: missing required key",
+    ),
+    # cross-field
+    (
+        "refresh grant",
+        {"whiplash": {"grant": "refresh_token"}},
+        'whiplash.refresh_token: required when grant = "refresh_token"',
+    ),
+    (
+        "duplicate customer",
+        {"customers": [customer(), customer(whiplash_customer_id=99), customer(name="Acme 2")]},
+        "customers[2].whiplash_customer_id: duplicate of customers[0] (1234)",
+    ),
+    (
+        "duplicate status across events",
+        {"statuses": {"cancelled": [40, 300]}},
+        "statuses.shipped[0]: status 300 is already listed at statuses.cancelled[1]",
+    ),
+    (
+        "duplicate status in one event",
+        {"statuses": {"delivered": [350, 350]}},
+        "statuses.delivered[1]: status 350 is already listed at statuses.delivered[0]",
+    ),
+    (
+        "duplicate metric",
+        {"events": {"shipped": "Order cancelled"}},
+        'events.shipped: same metric name as events.cancelled ("Order cancelled")',
+    ),
+    (
+        "duplicate metric by case",
+        {"events": {"delivered": "order SHIPPED "}},
+        'events.delivered: same metric name as events.shipped ("order SHIPPED ")',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), [c[1:] for c in ONE_PROBLEM], ids=[c[0] for c in ONE_PROBLEM]
+)
+def test_single_problem(tmp_path: Path, overrides: dict[str, Any], expected: str) -> None:
+    assert problems(tmp_path, overrides) == [expected]
+
+
+def test_multiple_problems_reported_at_once(tmp_path: Path) -> None:
+    overrides = {
+        "bridge": {"poll_interval_seconds": 0, "typo": 1},
+        "klaviyo": {"rate_limit_share": 2},
+        "events": {"shipped": "Order delivered"},
+        "customers": [
+            customer(backfill_days=15),
+            customer(whiplash_customer_id=99, klaviyo_api_key="env:NOPE"),
+        ],
+    }
+
+    found = problems(tmp_path, overrides)
+
+    assert sorted(found) == sorted(
+        [
+            "bridge.poll_interval_seconds: must be >= 1 (got 0)",
+            "bridge.typo: unknown key",
+            "klaviyo.rate_limit_share: must be <= 1 (got 2)",
+            'events.delivered: same metric name as events.shipped ("Order delivered")',
+            "customers[0].backfill_days: must be <= 14 (got 15)",
+            "customers[1].klaviyo_api_key: environment variable NOPE is not set",
+        ]
+    )
+    assert all("\n" not in line for line in found)
+
+
+def test_config_error_message_joins_problems(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, {"bridge": {"a": 1, "b": 2}})
+    assert str(info.value) == "bridge.a: unknown key; bridge.b: unknown key"
+
+
+# --- file-level problems --------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV)
+    assert info.value.problems == [f"{path}: cannot read file (No such file or directory)"]
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path, ENV)
+    assert info.value.problems == [f"{tmp_path}: cannot read file (Is a directory)"]
+
+
+@pytest.mark.parametrize(
+    "text", ["[bridge\nstate_path = 1\n", "a = 1\na = 2\n", 'x = "unterminated\n', "[bridge]\n[bridge]\n"]
+)
+def test_invalid_toml(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text=text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV)
+    [line] = info.value.problems
+    assert line.startswith(f"{path}: invalid TOML: ")
+    assert "line" in line  # tomllib's position survives
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'name = "\xff"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV)
+    assert info.value.problems == [f"{path}: invalid TOML: not UTF-8 (byte 8)"]
+
+
+def test_utf8_bom_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + to_toml(base_config()).encode())
+    assert load_config(path, ENV).settings.customers[0].name == "Acme"
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
+
+def test_env_secrets_resolved(tmp_path: Path) -> None:
+    s = load(tmp_path).settings
+    assert s.whiplash.client_secret.get_secret_value() == WHIPLASH_SECRET
+    assert s.customers[0].klaviyo_api_key.get_secret_value() == KLAVIYO_KEY
+
+
+def test_file_secret_strips_trailing_newline(tmp_path: Path) -> None:
+    secret = tmp_path / "wl"
+    secret.write_text(WHIPLASH_SECRET + "\r\n", "utf-8")
+    s = load(tmp_path, {"whiplash": {"client_secret": f"file:{secret}"}}).settings
+    assert s.whiplash.client_secret.get_secret_value() == WHIPLASH_SECRET
+
+
+def test_credential_secret(tmp_path: Path) -> None:
+    directory = credentials_dir(tmp_path, {"klaviyo-1234": KLAVIYO_KEY})
+    env = {**ENV, "CREDENTIALS_DIRECTORY": str(directory)}
+    s = load(tmp_path, {"customers": [customer(klaviyo_api_key="credential:klaviyo-1234")]}, env).settings
+    assert s.customers[0].klaviyo_api_key.get_secret_value() == KLAVIYO_KEY
+
+
+def test_refresh_token_grant_with_token(tmp_path: Path) -> None:
+    env = {**ENV, "WL_REFRESH": "refresh-secret-1"}
+    s = load(
+        tmp_path, {"whiplash": {"grant": "refresh_token", "refresh_token": "env:WL_REFRESH"}}, env
+    ).settings
+    assert s.whiplash.refresh_token is not None
+    assert s.whiplash.refresh_token.get_secret_value() == "refresh-secret-1"
+
+
+def test_refresh_token_allowed_with_client_credentials(tmp_path: Path) -> None:
+    env = {**ENV, "WL_REFRESH": "refresh-secret-1"}
+    s = load(tmp_path, {"whiplash": {"refresh_token": "env:WL_REFRESH"}}, env).settings
+    assert s.whiplash.grant == "client_credentials"
+
+
+def test_literal_secret_is_a_warning_without_the_value(tmp_path: Path) -> None:
+    loaded = load(tmp_path, {"customers": [customer(klaviyo_api_key=KLAVIYO_KEY)]})
+
+    assert loaded.warnings == (
+        "customers[0].klaviyo_api_key: literal secret in config file; use env:, file: or credential:",
+    )
+    assert loaded.settings.customers[0].klaviyo_api_key.get_secret_value() == KLAVIYO_KEY
+    assert KLAVIYO_KEY not in repr(loaded)
+
+
+def test_closed_by_originator_as_cancelled_warns(tmp_path: Path) -> None:
+    loaded = load(tmp_path, {"statuses": {"cancelled": [40, 45]}})
+    [warning] = loaded.warnings
+    assert warning.startswith('statuses.cancelled: 45 "Closed by Originator"')
+
+
+def secret_cases(tmp_path: Path) -> list[tuple[str, str, Mapping[str, str]]]:
+    """Return (reference, expected problem text, environ) for unresolvable references."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n", "utf-8")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_bytes(b"k" * (64 * 1024 + 1))
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe")
+    creds = credentials_dir(tmp_path, {})
+    with_creds = {**ENV, "CREDENTIALS_DIRECTORY": str(creds)}
+    return [
+        ("env:NOPE", "environment variable NOPE is not set", ENV),
+        ("env:EMPTY", "environment variable EMPTY is empty", {**ENV, "EMPTY": ""}),
+        ("env:", '"env:" needs a variable name, e.g. "env:KLAVIYO_KEY"', ENV),
+        (f"file:{tmp_path}/nope", f"cannot read file {tmp_path}/nope (No such file or directory)", ENV),
+        (f"file:{empty}", f"file {empty} is empty", ENV),
+        (f"file:{fifo}", f"cannot read file {fifo} (not a regular file)", ENV),
+        (f"file:{big}", f"file {big} is larger than 64 KiB", ENV),
+        (f"file:{binary}", f"file {binary} is not UTF-8 text", ENV),
+        ("file:relative/key", '"file:" needs an absolute path (got "relative/key")', ENV),
+        ("file:/tmp/a\x00b", "cannot read file /tmp/a\\u0000b (invalid path)", ENV),
+        (
+            "credential:klaviyo-1234",
+            "credential klaviyo-1234: CREDENTIALS_DIRECTORY is not set "
+            "(start the bridge with systemd LoadCredential=)",
+            ENV,
+        ),
+        (
+            "credential:klaviyo-1234",
+            f"cannot read file {creds}/klaviyo-1234 (No such file or directory)",
+            with_creds,
+        ),
+        ("credential:../etc", '"credential:" needs a credential name without "/" (got "../etc")', with_creds),
+        ("   ", "the value is empty", ENV),
+    ]
+
+
+def test_unresolvable_secrets(tmp_path: Path) -> None:
+    for index, (reference, why, env) in enumerate(secret_cases(tmp_path)):
+        case_dir = tmp_path / f"case{index}"
+        case_dir.mkdir()
+        found = problems(case_dir, {"customers": [customer(klaviyo_api_key=reference)]}, env)
+        assert found == [f"customers[0].klaviyo_api_key: {why}"], reference
+
+
+def test_all_secret_slots_resolved_and_reported(tmp_path: Path) -> None:
+    overrides = {
+        "whiplash": {"client_secret": "env:A", "refresh_token": "env:B"},
+        "customers": [
+            customer(klaviyo_api_key="env:C"),
+            customer(whiplash_customer_id=2, klaviyo_api_key="env:D"),
+        ],
+    }
+    assert problems(tmp_path, overrides, {}) == [
+        "whiplash.client_secret: environment variable A is not set",
+        "whiplash.refresh_token: environment variable B is not set",
+        "customers[0].klaviyo_api_key: environment variable C is not set",
+        "customers[1].klaviyo_api_key: environment variable D is not set",
+    ]
+
+
+def test_secrets_never_in_problems_or_reprs(tmp_path: Path) -> None:
+    literal = {
+        "whiplash": {"client_secret": WHIPLASH_SECRET},
+        "customers": [customer(klaviyo_api_key=KLAVIYO_KEY)],
+    }
+    loaded = load(tmp_path, literal)
+    broken = merge(literal, {"whiplash": {"refresh_token": OTHER_KEY, "page_size": -1}, "bridge": {"x": 1}})
+    broken["customers"] = [customer(klaviyo_api_key=KLAVIYO_KEY, backfill_days=99, extra=OTHER_KEY)]
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, broken)
+
+    texts = [
+        repr(loaded),
+        str(loaded.settings),
+        repr(loaded.settings.whiplash),
+        str(loaded.settings.customers[0]),
+        *loaded.warnings,
+        str(info.value),
+        repr(info.value),
+    ]
+    assert len(info.value.problems) == 4
+    for secret in ALL_SECRETS:
+        assert all(secret not in text for text in texts), secret
+
+
+# --- rules and helpers ----------------------------------------------------------------------------
+
+
+def test_rules_for_maps_events_statuses_and_staleness(tmp_path: Path) -> None:
+    overrides = {
+        "events": {"shipped": "Package on its way", "stale_after_hours": 36.5},
+        "statuses": {"processing": [100], "cancelled": [40, 45], "shipped": [300, 325], "delivered": []},
+        "customers": [
+            customer(),
+            customer(whiplash_customer_id=77, launch_date=date(2026, 1, 2), enabled=False),
+        ],
+    }
+    s = load(tmp_path, overrides).settings
+
+    rules = s.rules_for(s.customers[1])
+
+    assert rules == Rules(
+        customer_id=77,
+        launch_date=date(2026, 1, 2),
+        metric_names={
+            EventKind.PROCESSING: "Processing order",
+            EventKind.CANCELLED: "Order cancelled",
+            EventKind.SHIPPED: "Package on its way",
+            EventKind.DELIVERED: "Order delivered",
+        },
+        status_events={
+            100: EventKind.PROCESSING,
+            40: EventKind.CANCELLED,
+            45: EventKind.CANCELLED,
+            300: EventKind.SHIPPED,
+            325: EventKind.SHIPPED,
+        },
+        stale_after=timedelta(hours=36.5),
+    )
+    assert [c.whiplash_customer_id for c in s.enabled_customers()] == [1234]
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, DEFAULT_CONFIG_PATH),
+        ({"KLAVIYO_BRIDGE_CONFIG": ""}, DEFAULT_CONFIG_PATH),
+        ({"KLAVIYO_BRIDGE_CONFIG": "/srv/bridge.toml"}, Path("/srv/bridge.toml")),
+    ],
+)
+def test_default_config_path(environ: dict[str, str], expected: Path) -> None:
+    assert default_config_path(environ) == expected
+
+
+def test_settings_validate_directly_with_cross_field_summary() -> None:
+    """Constructing Settings in code keeps the invariants (and a readable message)."""
+    with pytest.raises(ValueError, match=r"shipped\[0\]: status 300 is already listed"):
+        Settings.model_validate(
+            {
+                "bridge": {"state_path": "/x"},
+                "whiplash": {"client_id": "a", "client_secret": "b"},
+                "klaviyo": {"default_profile_email": "a@b.co"},
+                "statuses": {"cancelled": [300]},
+            }
+        )
+
+
+# --- robustness -----------------------------------------------------------------------------------
+
+SECRET_ENV_VALUE = "ENV-SECRET-do-not-print-4417"
+FUZZ_ENV = {**ENV, "SET": SECRET_ENV_VALUE, "CREDENTIALS_DIRECTORY": "/nonexistent"}
+SECTIONS: dict[str, type[BaseModel]] = {
+    "bridge": BridgeSettings,
+    "whiplash": WhiplashSettings,
+    "klaviyo": KlaviyoSettings,
+    "events": EventSettings,
+    "statuses": StatusSettings,
+}
+MODELS: list[type[BaseModel]] = [*SECTIONS.values(), CustomerSettings]
+KEYS = sorted({"junk", "a b", *SECTIONS, *(key for model in MODELS for key in model.model_fields)})
+SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-3, max_value=600) | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(),
+    st.text(st.characters(exclude_categories=["Cs"]), max_size=8),
+    st.sampled_from(
+        [
+            "env:SET",
+            "env:UNSET",
+            "env:",
+            "file:/nonexistent",
+            "file:rel",
+            "credential:x",
+            "credential:",
+            "refresh_token",
+            "debug",
+            "json",
+            "127.0.0.1:9464",
+            "https://x.example/",
+            "a@b.co",
+            "2026-07-15.pre",
+            "",
+        ]
+    ),
+    st.dates(),
+    st.datetimes(),
+    st.times(),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(KEYS), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def tables_of(model: type[BaseModel]) -> st.SearchStrategy[Any]:
+    """Generate mostly tables keyed by ``model``'s fields (plus junk), sometimes any value at all."""
+    keys = st.sampled_from([*model.model_fields, "junk"])
+    return st.dictionaries(keys, SCALARS | VALUES, max_size=3) | VALUES
+
+
+DOCUMENTS = st.fixed_dictionaries(
+    {},
+    optional={
+        **{name: tables_of(model) for name, model in SECTIONS.items()},
+        "customers": st.lists(
+            tables_of(CustomerSettings).map(lambda c: merge(customer(), c) if isinstance(c, dict) else c),
+            max_size=3,
+        )
+        | VALUES,
+        "junk": VALUES,
+    },
+).map(lambda extra: merge(base_config(), extra))
+
+
+def assert_clean_outcome(path: Path) -> None:
+    """Loading either succeeds or raises ConfigError with one-line problems free of secrets."""
+    try:
+        loaded = load_config(path, FUZZ_ENV)
+    except ConfigError as exc:
+        lines = exc.problems
+    else:
+        assert SECRET_ENV_VALUE not in repr(loaded)
+        return
+    assert lines
+    for line in lines:
+        assert len(line.splitlines()) == 1
+        assert ": " in line
+        assert SECRET_ENV_VALUE not in line
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(document=DOCUMENTS)
+def test_arbitrary_documents_never_crash(
+    tmp_path_factory: pytest.TempPathFactory, document: dict[str, Any]
+) -> None:
+    path = tmp_path_factory.getbasetemp() / "fuzz.toml"
+    text = to_toml(document)
+    tomllib.loads(text)  # the writer itself must produce valid TOML
+    path.write_text(text, "utf-8")
+    assert_clean_outcome(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200) | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_arbitrary_bytes_never_crash(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+    path = tmp_path_factory.getbasetemp() / "fuzz-bytes.toml"
+    path.write_bytes(data)
+    assert_clean_outcome(path)
