@@ -1,0 +1,278 @@
+"""AccountLimiter on a fake clock: the fake sleep advances the clock, so nothing really waits.
+
+Expectations come from the limiter's contract, restated here in ``capacity`` and ``rate``: each bucket
+refills share × limit per window and holds (1 - share) × limit, at least one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+from collections import Counter
+
+import pytest
+
+from klaviyo_bridge.ratelimit import BURST_PERIOD, LIMITS, STEADY_PERIOD, AccountLimiter, Endpoint
+
+SHARES = [0.5, 0.8, 0.95]
+
+
+class FakeTime:
+    """A clock that only moves when someone sleeps on it; records every sleep."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def fake() -> FakeTime:
+    return FakeTime()
+
+
+def limiter(fake: FakeTime, share: float = 0.5) -> AccountLimiter:
+    return AccountLimiter(share, clock=fake.clock, sleep=fake.sleep)
+
+
+def capacity(share: float, limit: int) -> int:
+    """Whole tokens a full bucket holds: the part of the limit left to others, at least one."""
+    return max(1, math.floor((1 - share) * limit + 1e-9))
+
+
+def rate(share: float, limit: int, period: float) -> float:
+    """Tokens a bucket gains per second: our share of the limit spread over its window."""
+    return share * limit / period
+
+
+async def demand(lim: AccountLimiter, fake: FakeTime, endpoint: Endpoint, until: float) -> list[float]:
+    """Run several always-hungry workers until the fake clock passes ``until``; return grant times."""
+    grants: list[float] = []
+
+    async def worker() -> None:
+        while fake.now < until:
+            await lim.acquire(endpoint)
+            grants.append(fake.now)
+
+    await asyncio.gather(*(worker() for _ in range(5)))
+    return [t for t in grants if t < until]
+
+
+def per_bin(grants: list[float], width: float) -> Counter[int]:
+    """Count grants per fixed window [k·width, (k+1)·width), as Klaviyo's fixed windows count them."""
+    return Counter(math.floor(t / width) for t in grants)
+
+
+def busiest(grants: list[float], width: float) -> int:
+    """Return the most grants in any closed interval [t, t + width] that starts at a grant."""
+    ordered = sorted(grants)
+    return max(bisect.bisect_right(ordered, t + width) - i for i, t in enumerate(ordered))
+
+
+def assert_within_published(grants: list[float], endpoint: Endpoint) -> None:
+    """Fail if any fixed or sliding burst or steady window holds more than the published limit."""
+    published = LIMITS[endpoint]
+    assert max(per_bin(grants, BURST_PERIOD).values()) <= published.burst
+    assert max(per_bin(grants, STEADY_PERIOD).values()) <= published.steady
+    assert busiest(grants, BURST_PERIOD) <= published.burst
+    assert busiest(grants, STEADY_PERIOD) <= published.steady
+
+
+@pytest.mark.parametrize("endpoint", list(Endpoint))
+@pytest.mark.parametrize("share", SHARES)
+async def test_saturating_demand_never_exceeds_published_limits_and_uses_the_share(
+    fake: FakeTime, share: float, endpoint: Endpoint
+) -> None:
+    """1. Hungry workers run for 180 simulated seconds from full buckets.
+    Result: no fixed (aligned) and no sliding 1 s or 60 s window exceeds the published limit, even
+    while the full buckets are spent; in steady state (minutes 2 and 3) each minute carries at least
+    95 % and at most one more than share × the steady limit."""
+    sustained = share * LIMITS[endpoint].steady
+
+    grants = await demand(limiter(fake, share), fake, endpoint, 180.0)
+
+    assert_within_published(grants, endpoint)
+    minutes = per_bin(grants, STEADY_PERIOD)
+    assert all(0.95 * sustained <= minutes[k] <= sustained + 1 for k in (1, 2))
+
+
+@pytest.mark.parametrize("share", SHARES)
+async def test_full_bucket_after_an_idle_spell_stays_within_published_limits(
+    fake: FakeTime, share: float
+) -> None:
+    """2. Saturate for 90 s, go idle until the buckets are full again, then saturate mid-window.
+    Result: every window straddling the resumption still holds at most the published limits."""
+    endpoint = Endpoint.PROFILE_IMPORT
+    lim = limiter(fake, share)
+    before = await demand(lim, fake, endpoint, 90.0)
+    steady = LIMITS[endpoint].steady
+    refilled = capacity(share, steady) / rate(share, steady, STEADY_PERIOD)
+    fake.now += refilled + 0.5  # idle: long enough to refill, and off the fixed windows' grid
+
+    after = await demand(lim, fake, endpoint, fake.now + 90.0)
+
+    assert len(after) > capacity(share, steady)
+    assert_within_published(before + after, endpoint)
+
+
+async def test_observe_lowers_the_steady_bucket_to_the_remaining_quota(fake: FakeTime) -> None:
+    """3. The server says only 2 requests remain (no reset given).
+    Result: two requests go at once; the third waits exactly one steady refill."""
+    share, steady = 0.5, LIMITS[Endpoint.PROFILE_IMPORT].steady
+    lim = limiter(fake, share)
+    lim.observe(Endpoint.PROFILE_IMPORT, {"RateLimit-Remaining": "2"})
+
+    await lim.acquire(Endpoint.PROFILE_IMPORT)
+    await lim.acquire(Endpoint.PROFILE_IMPORT)
+    assert fake.sleeps == []
+    await lim.acquire(Endpoint.PROFILE_IMPORT)
+    assert fake.now == pytest.approx(1 / rate(share, steady, STEADY_PERIOD))
+
+
+async def test_observe_with_reset_grants_no_more_than_remaining_before_the_reset(fake: FakeTime) -> None:
+    """4. Lower-case headers: 3 remain, the server window resets in 10 s.
+    Result: at most 3 grants before the reset, and pacing at the steady rate resumes afterwards."""
+    share, steady = 0.5, LIMITS[Endpoint.LIST_ADD].steady
+    lim = limiter(fake, share)
+    lim.observe(Endpoint.LIST_ADD, {"ratelimit-remaining": "3", "ratelimit-reset": "10"})
+
+    grants = await demand(lim, fake, Endpoint.LIST_ADD, 20.0)
+
+    assert 1 <= len([t for t in grants if t < 10.0]) <= 3
+    paced = math.floor(rate(share, steady, STEADY_PERIOD) * 10.0) - 1
+    assert len([t for t in grants if t >= 10.0]) >= paced
+
+
+async def test_observe_never_raises_the_bucket(fake: FakeTime) -> None:
+    """5. The server empties the steady bucket, then reports plenty remaining.
+    Result: the next request still waits exactly for our own steady refill."""
+    share, steady = 0.5, LIMITS[Endpoint.LIST_ADD].steady
+    lim = limiter(fake, share)
+    lim.observe(Endpoint.LIST_ADD, {"RateLimit-Remaining": "0"})
+    lim.observe(Endpoint.LIST_ADD, {"RateLimit-Remaining": "149", "RateLimit-Reset": "1"})
+
+    await lim.acquire(Endpoint.LIST_ADD)
+
+    assert fake.now == pytest.approx(1 / rate(share, steady, STEADY_PERIOD))
+
+
+async def test_observe_ignores_missing_or_garbage_headers(fake: FakeTime) -> None:
+    """6. Responses without usable RateLimit headers.
+    Result: the full burst capacity is still available without waiting."""
+    lim = limiter(fake)
+    lim.observe(Endpoint.LIST_ADD, {})
+    lim.observe(Endpoint.LIST_ADD, {"RateLimit-Remaining": "soon"})
+    lim.observe(Endpoint.LIST_ADD, {"RateLimit-Remaining": "-4"})
+
+    for _ in range(capacity(0.5, LIMITS[Endpoint.LIST_ADD].burst)):
+        await lim.acquire(Endpoint.LIST_ADD)
+
+    assert fake.sleeps == []
+
+
+async def test_penalize_blocks_the_endpoint_until_expiry(fake: FakeTime) -> None:
+    """7. A 429 penalty of 5 s, then a shorter one that must not shorten it.
+    Result: the next request goes exactly at the 5 s mark, other endpoints go at once."""
+    lim = limiter(fake)
+    lim.penalize(Endpoint.EVENTS, 5.0)
+    lim.penalize(Endpoint.EVENTS, 1.0)
+
+    await lim.acquire(Endpoint.PROFILE_IMPORT)
+    assert fake.now == 0.0
+    await lim.acquire(Endpoint.EVENTS)
+    assert fake.now == pytest.approx(5.0)
+
+
+async def test_penalty_applies_to_a_waiter_already_sleeping(fake: FakeTime) -> None:
+    """8. A waiter sleeps for a burst refill while a 429 penalty of 30 s arrives.
+    Result: it wakes, sees the penalty, and goes exactly when the penalty expires."""
+    share = 0.5
+    lim = limiter(fake, share)
+    for _ in range(capacity(share, LIMITS[Endpoint.LIST_ADD].burst)):
+        await lim.acquire(Endpoint.LIST_ADD)
+    waiter = asyncio.create_task(lim.acquire(Endpoint.LIST_ADD))
+    await asyncio.sleep(0)
+    penalized_at = fake.now
+    assert penalized_at > 0  # the waiter is inside its refill sleep
+    lim.penalize(Endpoint.LIST_ADD, 30.0)
+
+    await waiter
+
+    assert fake.now == pytest.approx(penalized_at + 30.0)
+
+
+async def test_endpoints_and_accounts_are_independent(fake: FakeTime) -> None:
+    """9. Drain one account's list-add burst bucket.
+    Result: the same endpoint of another account and another endpoint of this one go at once;
+    only the drained one waits."""
+    first, second = limiter(fake), limiter(fake)
+    for _ in range(capacity(0.5, LIMITS[Endpoint.LIST_ADD].burst)):
+        await first.acquire(Endpoint.LIST_ADD)
+
+    await second.acquire(Endpoint.LIST_ADD)
+    await first.acquire(Endpoint.PROFILE_IMPORT)
+    assert fake.sleeps == []
+    await first.acquire(Endpoint.LIST_ADD)
+    assert fake.sleeps != []
+
+
+async def test_tiny_share_still_admits_a_request_every_steady_window(fake: FakeTime) -> None:
+    """10. share 0.01 of 10/s, 150/min: less than one token per burst window, 1.5 per minute.
+    Result: the first request goes at once and every fixed minute of 40 admits at least one request,
+    yet no window exceeds the published limits."""
+    lim = limiter(fake, share=0.01)
+    await lim.acquire(Endpoint.LISTS_CREATE)
+    assert fake.now == 0.0
+
+    grants = [0.0, *await demand(lim, fake, Endpoint.LISTS_CREATE, 40 * STEADY_PERIOD)]
+
+    minutes = per_bin(grants, STEADY_PERIOD)
+    assert all(minutes[k] >= 1 for k in range(40))
+    assert_within_published(grants, Endpoint.LISTS_CREATE)
+
+
+async def test_share_near_one_still_holds_one_whole_token(fake: FakeTime) -> None:
+    """11. share 0.95 of 10/s leaves half a token of burst capacity, clamped up to one.
+    Result: the first request goes at once, the second after exactly one burst refill."""
+    share, burst = 0.95, LIMITS[Endpoint.LIST_ADD].burst
+    assert (1 - share) * burst < 1
+    lim = limiter(fake, share)
+
+    await lim.acquire(Endpoint.LIST_ADD)
+    assert fake.now == 0.0
+    await lim.acquire(Endpoint.LIST_ADD)
+    assert fake.now == pytest.approx(1 / rate(share, burst, BURST_PERIOD))
+
+
+async def test_concurrent_waiters_are_served_in_order_one_refill_each(fake: FakeTime) -> None:
+    """12. Three tasks wait on a drained burst bucket (the steady bucket still holds plenty).
+    Result: they are granted in arrival order, one burst refill apart."""
+    share, burst = 0.5, LIMITS[Endpoint.LIST_ADD].burst
+    lim = limiter(fake, share)
+    for _ in range(capacity(share, burst)):
+        await lim.acquire(Endpoint.LIST_ADD)
+    order: list[tuple[int, float]] = []
+
+    async def waiter(n: int) -> None:
+        await lim.acquire(Endpoint.LIST_ADD)
+        order.append((n, fake.now))
+
+    await asyncio.gather(*(waiter(n) for n in range(3)))
+
+    step = 1 / rate(share, burst, BURST_PERIOD)
+    assert [n for n, _ in order] == [0, 1, 2]
+    assert [t for _, t in order] == pytest.approx([step, 2 * step, 3 * step])
+
+
+@pytest.mark.parametrize("share", [0.0, -0.1, 1.5])
+def test_share_outside_unit_interval_is_refused(share: float) -> None:
+    with pytest.raises(ValueError, match="share"):
+        AccountLimiter(share)
