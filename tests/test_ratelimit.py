@@ -49,8 +49,8 @@ def capacity(share: float, limit: int) -> int:
 
 
 def rate(share: float, limit: int, period: float) -> float:
-    """Tokens a bucket gains per second: our share of the limit spread over its window."""
-    return share * limit / period
+    """Tokens a bucket gains per second: our share of the limit over its window, minus any clamped capacity."""
+    return min(share * limit, limit - capacity(share, limit)) / period
 
 
 async def demand(lim: AccountLimiter, fake: FakeTime, endpoint: Endpoint, until: float) -> list[float]:
