@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ class CustomerWorker:
             return PollStats()
         try:
             stats = await self.poll_once()
-        except BridgeError as exc:
+        except (BridgeError, sqlite3.Error) as exc:
             await self.store.record_poll(self.cid, self.clock(), False, str(exc))
             log.error("poll failed customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
             return PollStats()
@@ -255,6 +256,8 @@ def _poll_advice(exc: BaseException) -> str:
     """Tell ops what to do about a failed poll."""
     if isinstance(exc, AuthFailed):
         return "check the Whiplash client credentials / refresh token and the customer id"
+    if isinstance(exc, sqlite3.Error):
+        return "check the state DB's disk (space, permissions); nothing was committed for the failed page"
     return "will retry next cycle; if it persists check Whiplash status and network"
 
 
