@@ -16,7 +16,6 @@ import pytest
 from harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
 
 from klaviyo_bridge.sandbox.klaviyo import Account, FakeKlaviyo, serve_klaviyo
-from klaviyo_bridge.sandbox.openapi import default_spec_path
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash
 
 LIVE, PRE, REVOKED = 101, 202, 303
@@ -111,9 +110,8 @@ async def test_run_once_syncs_live_prelaunch_and_isolates_revoked_key(world: Wor
     """1. Run once. 2. Check profiles, names, list, events per customer. 3. Run again: nothing new.
     4. Restore the revoked key and run: its queued rows go out.
     Result: exactly the rule-mandated Klaviyo state, no spec rejection, no duplicate event."""
-    if default_spec_path() is None:
-        pytest.skip("Klaviyo OpenAPI spec not available (../shared absent)")
     h, k, ids = world.harness, world.klaviyo, world.orders
+    # Validation is against Klaviyo's OpenAPI spec when ../shared has it, else the simulator's hand checks.
     first = await h.run("run", "--once")
     assert first.returncode == 0, first.stderr
     assert k.rejections == []
