@@ -1,0 +1,96 @@
+"""The console entry point: exit codes and what ops see for good and bad configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from klaviyo_bridge.cli import EX_CONFIG, EX_OK, main
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "pk_do_not_print_me_123456"
+
+
+@pytest.fixture
+def creds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Provide the credentials config.example.toml refers to."""
+    d = tmp_path / "creds"
+    d.mkdir()
+    for name in ("whiplash-client-secret", "klaviyo-1234", "klaviyo-5678"):
+        (d / name).write_text(SECRET + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(d))
+    return d
+
+
+def test_check_config_accepts_the_example(creds: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1. check-config on config.example.toml. Result: exit 0, a summary line, no secret printed."""
+    assert main(["check-config", "--config", str(REPO / "config.example.toml")]) == EX_OK
+    out = capsys.readouterr()
+    assert "config ok: 2 customers (1 enabled)" in out.out
+    assert SECRET not in out.out + out.err
+
+
+BAD = """
+[bridge]
+state_path = "/tmp/x.db"
+poll_interval_seconds = 0
+colour = "blue"
+[whiplash]
+client_id = "c"
+client_secret = "env:NOPE_NOT_SET_ANYWHERE"
+[klaviyo]
+default_profile_email = "ops@example.com"
+rate_limit_share = 1.5
+[[customers]]
+whiplash_customer_id = 7
+name = "A"
+klaviyo_api_key = "env:NOPE_NOT_SET_ANYWHERE"
+launch_date = 2026-01-01
+backfill_days = 30
+[[customers]]
+whiplash_customer_id = 7
+name = "B"
+klaviyo_api_key = "pk_literal_value_in_file"
+launch_date = 2026-01-01
+"""
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["run"], ["run", "--once"], ["status"]])
+def test_bad_config_gives_one_line_per_problem_and_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """1. A config with six problems. 2. Each command that loads it.
+    Result: exit 78, one `config error:` line per problem naming its key path, no traceback."""
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    assert main([*command, "--config", str(path)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("config error: ")]
+    paths = sorted(line.split(": ")[1].split(":")[0] for line in lines)
+    assert paths == sorted([
+        "bridge.poll_interval_seconds",
+        "bridge.colour",
+        "whiplash.client_secret",
+        "klaviyo.rate_limit_share",
+        "customers[0].klaviyo_api_key",
+        "customers[0].backfill_days",
+    ])
+    assert "Traceback" not in err
+    assert "pk_literal_value_in_file" not in err
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1. check-config on a path that does not exist. Result: exit 78 and the path in the message."""
+    missing = tmp_path / "nope.toml"
+    assert main(["check-config", "--config", str(missing)]) == EX_CONFIG
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_default_config_path_comes_from_the_environment(
+    creds: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1. KLAVIYO_BRIDGE_CONFIG points at the example; no --config. Result: it is the file checked."""
+    monkeypatch.setenv("KLAVIYO_BRIDGE_CONFIG", str(REPO / "config.example.toml"))
+    assert main(["check-config"]) == EX_OK
+    assert "config ok" in capsys.readouterr().out

@@ -1,0 +1,76 @@
+"""Log formats: journald priorities, JSON, readable text, and secret masking in all of them."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from klaviyo_bridge import logs
+
+SECRET = "pk_secret_for_log_tests_42"
+
+
+def record(level: int, msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    """Build a log record, optionally carrying the current exception."""
+    exc_info = None
+    if exc:
+        try:
+            raise RuntimeError(f"boom with {SECRET}\nsecond line")
+        except RuntimeError as e:
+            exc_info = (type(e), e, e.__traceback__)
+    return logging.LogRecord("klaviyo_bridge.daemon", level, __file__, 1, msg, args, exc_info)
+
+
+@pytest.fixture(autouse=True)
+def _secret() -> None:
+    logs.register_secret(SECRET)
+
+
+@pytest.mark.parametrize(
+    ("level", "prefix"),
+    [(logging.ERROR, "<3>"), (logging.WARNING, "<4>"), (logging.INFO, "<6>"), (logging.DEBUG, "<7>")],
+)
+def test_journal_lines_carry_priority_and_no_timestamp(level: int, prefix: str) -> None:
+    """Result: `<N>logger: message`, so `journalctl -p warning` filters by our levels."""
+    line = logs.JournalFormatter().format(record(level, "cycle customer=%s", 7))
+    assert line == f"{prefix}klaviyo_bridge.daemon: cycle customer=7"
+
+
+def test_journal_folds_tracebacks_into_one_masked_line() -> None:
+    """Result: one line per record; the secret inside the exception text is masked."""
+    line = logs.JournalFormatter().format(record(logging.ERROR, "failed", exc=True))
+    assert "\n" not in line
+    assert line.startswith("<3>")
+    assert "RuntimeError" in line
+    assert SECRET not in line
+
+
+def test_json_lines_parse_and_mask() -> None:
+    """Result: one JSON object with level, logger and message; secrets masked."""
+    doc = json.loads(logs.JsonFormatter().format(record(logging.WARNING, "key=%s", SECRET)))
+    assert doc["level"] == "warning"
+    assert doc["logger"] == "klaviyo_bridge.daemon"
+    assert doc["msg"] == "key=***"
+
+
+def test_text_format_masks_secrets() -> None:
+    """Result: readable line with level and logger, secret masked."""
+    line = logs.TextFormatter().format(record(logging.INFO, "using %s", SECRET))
+    assert "INFO" in line
+    assert "using ***" in line
+
+
+@pytest.mark.parametrize(
+    ("fmt", "env", "expected"),
+    [
+        ("text", {"JOURNAL_STREAM": "8:1234"}, logs.JournalFormatter),
+        ("text", {}, logs.TextFormatter),
+        ("json", {"JOURNAL_STREAM": "8:1234"}, logs.JsonFormatter),
+    ],
+)
+def test_formatter_choice(fmt: logs.LogFormat, env: dict[str, str], expected: type) -> None:
+    """Result: JSON when asked, journald style under systemd, text otherwise."""
+    assert isinstance(logs.pick_formatter(fmt, env, io.StringIO()), expected)
