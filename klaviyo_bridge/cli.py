@@ -16,15 +16,17 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, demo, logs, ops
 from .config import LoadedConfig, default_config_path, load_config
 from .errors import ConfigError, StoreError
+from .sandbox import cli as sandbox_cli
 from .status import render_status, status_rows
 
 EX_OK = 0
 EX_FATAL = 1
 EX_UNHEALTHY = 2
 EX_CONFIG = 78
+CONFIG_HELP = "config file (default: $KLAVIYO_BRIDGE_CONFIG or /etc/klaviyo-bridge/config.toml)"
 
 log = logging.getLogger("klaviyo_bridge")
 
@@ -34,15 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="klaviyo-bridge", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    config_help = "config file (default: $KLAVIYO_BRIDGE_CONFIG or /etc/klaviyo-bridge/config.toml)"
     run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("--config", type=Path, help=config_help)
+    run.add_argument("--config", type=Path, help=CONFIG_HELP)
     run.add_argument("--once", action="store_true", help="poll every customer once, deliver, and exit")
+    run.set_defaults(handler=cmd_run)
     check = sub.add_parser("check-config", help="validate the config; one line per problem, exit 78 if any")
-    check.add_argument("--config", type=Path, help=config_help)
+    check.add_argument("--config", type=Path, help=CONFIG_HELP)
+    check.set_defaults(handler=cmd_check_config)
     status = sub.add_parser("status", help="per-customer state read from the state DB (safe while running)")
-    status.add_argument("--config", type=Path, help=config_help)
+    status.add_argument("--config", type=Path, help=CONFIG_HELP)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+    # Commands that live with their own module; each adds its parsers and sets `handler`.
+    for module in (ops, demo, sandbox_cli):
+        module.register(sub)
     return parser
 
 
@@ -116,10 +123,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EX_UNHEALTHY if any(r.is_stale(limit) for r in rows) else EX_OK
 
 
-COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "status": cmd_status}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``klaviyo-bridge`` console script."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    code: int = args.handler(args)
+    return code
