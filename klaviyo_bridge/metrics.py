@@ -1,0 +1,217 @@
+"""Optional Prometheus metrics: per-customer counters and gauges, served from the daemon's own event loop.
+
+Invariants:
+- every ``Metrics`` owns its registry (never prometheus_client's global one), so several can coexist;
+- with ``[bridge] metrics_listen`` unset the daemon gets ``NoMetrics``, whose methods do nothing, so call
+  sites never check whether metrics are on;
+- recording never raises: a zero or negative count is ignored rather than tripping the Counter's check;
+- labels carry only the Whiplash customer id (no names, emails or keys), so a scrape never leaks anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.exposition import choose_encoder
+
+from .config import BridgeSettings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "klaviyo_bridge"
+METRICS_PATH = "/metrics"
+
+
+class MetricsSink(Protocol):
+    """What the daemon and the deliverer report to; ``Metrics`` and ``NoMetrics`` both implement it."""
+
+    def poll_done(self, customer_id: int, ok: bool, lag_s: float | None = None) -> None:
+        """Count one finished poll cycle and, when given, record the poll lag."""
+
+    def sent(self, customer_id: int, n: int = 1) -> None:
+        """Count rows Klaviyo accepted."""
+
+    def dead(self, customer_id: int, n: int = 1) -> None:
+        """Count rows dead-lettered."""
+
+    def retried(self, customer_id: int, n: int = 1) -> None:
+        """Count rows rescheduled after a transient failure."""
+
+    def throttled(self, customer_id: int, n: int = 1) -> None:
+        """Count Klaviyo 429 answers."""
+
+    def set_queued(self, customer_id: int, n: int) -> None:
+        """Record how many rows are pending."""
+
+    def set_dead_letters(self, customer_id: int, n: int) -> None:
+        """Record how many dead letters are waiting for ops."""
+
+    def forget(self, customer_id: int) -> None:
+        """Drop a removed customer's series."""
+
+
+class NoMetrics:
+    """The disabled sink: every method is a no-op."""
+
+    def poll_done(self, customer_id: int, ok: bool, lag_s: float | None = None) -> None:
+        """Do nothing."""
+
+    def sent(self, customer_id: int, n: int = 1) -> None:
+        """Do nothing."""
+
+    def dead(self, customer_id: int, n: int = 1) -> None:
+        """Do nothing."""
+
+    def retried(self, customer_id: int, n: int = 1) -> None:
+        """Do nothing."""
+
+    def throttled(self, customer_id: int, n: int = 1) -> None:
+        """Do nothing."""
+
+    def set_queued(self, customer_id: int, n: int) -> None:
+        """Do nothing."""
+
+    def set_dead_letters(self, customer_id: int, n: int) -> None:
+        """Do nothing."""
+
+    def forget(self, customer_id: int) -> None:
+        """Do nothing."""
+
+
+class Metrics:
+    """Per-customer counters and gauges in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        by_customer = ["customer"]
+        r = self.registry
+        self._polls = Counter(f"{PREFIX}_polls", "Finished poll cycles by outcome (ok|error).",
+                              [*by_customer, "outcome"], registry=r)
+        self._sent = Counter(f"{PREFIX}_sent_rows", "Outbox rows Klaviyo accepted.", by_customer, registry=r)
+        self._dead = Counter(f"{PREFIX}_dead_rows", "Outbox rows Klaviyo refused (dead-lettered).",
+                             by_customer, registry=r)
+        self._retries = Counter(f"{PREFIX}_retries", "Sends rescheduled after a transient failure.",
+                                by_customer, registry=r)
+        self._throttled = Counter(f"{PREFIX}_klaviyo_throttled", "Klaviyo 429 (rate limited) answers.",
+                                  by_customer, registry=r)
+        self._queued = Gauge(f"{PREFIX}_queued_rows", "Outbox rows waiting to be sent.", by_customer, registry=r)
+        self._dead_letters = Gauge(f"{PREFIX}_dead_letters", "Dead letters waiting for ops (see dead-letters).",
+                                   by_customer, registry=r)
+        self._lag = Gauge(f"{PREFIX}_poll_lag_seconds",
+                          "Age of the newest order change that produced an event in the last poll.",
+                          by_customer, registry=r)
+        self._last_ok = Gauge(f"{PREFIX}_last_successful_poll_timestamp_seconds",
+                              "Unix time of the last poll that completed.", by_customer, registry=r)
+
+    def poll_done(self, customer_id: int, ok: bool, lag_s: float | None = None) -> None:
+        """Count one finished poll cycle and, when given, record the poll lag."""
+        cid = str(customer_id)
+        self._polls.labels(cid, "ok" if ok else "error").inc()
+        if ok:
+            self._last_ok.labels(cid).set_to_current_time()
+        if lag_s is not None:
+            self._lag.labels(cid).set(max(0.0, lag_s))
+
+    def sent(self, customer_id: int, n: int = 1) -> None:
+        """Count rows Klaviyo accepted."""
+        _add(self._sent, customer_id, n)
+
+    def dead(self, customer_id: int, n: int = 1) -> None:
+        """Count rows dead-lettered."""
+        _add(self._dead, customer_id, n)
+
+    def retried(self, customer_id: int, n: int = 1) -> None:
+        """Count rows rescheduled after a transient failure."""
+        _add(self._retries, customer_id, n)
+
+    def throttled(self, customer_id: int, n: int = 1) -> None:
+        """Count Klaviyo 429 answers."""
+        _add(self._throttled, customer_id, n)
+
+    def set_queued(self, customer_id: int, n: int) -> None:
+        """Record how many rows are pending."""
+        self._queued.labels(str(customer_id)).set(max(0, n))
+
+    def set_dead_letters(self, customer_id: int, n: int) -> None:
+        """Record how many dead letters are waiting for ops."""
+        self._dead_letters.labels(str(customer_id)).set(max(0, n))
+
+    def forget(self, customer_id: int) -> None:
+        """Drop a removed customer's series so the scrape stops reporting it."""
+        cid = str(customer_id)
+        for outcome in ("ok", "error"):
+            _remove(self._polls, cid, outcome)
+        for metric in (self._sent, self._dead, self._retries, self._throttled, self._queued, self._dead_letters,
+                       self._lag, self._last_ok):
+            _remove(metric, cid)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """Return the exposition body and its content type, negotiated from an Accept header."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def _add(counter: Counter, customer_id: int, n: int) -> None:
+    """Add ``n`` to a customer's counter; nothing happened when ``n`` is not positive."""
+    if n > 0:
+        counter.labels(str(customer_id)).inc(n)
+
+
+def _remove(metric: Counter | Gauge, *labels: str) -> None:
+    """Remove one labelled series if it exists."""
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        return
+
+
+def metrics_for(bridge: BridgeSettings) -> Metrics | NoMetrics:
+    """Return a live ``Metrics`` when ``metrics_listen`` is set, else the no-op sink."""
+    return Metrics() if bridge.metrics_address() is not None else NoMetrics()
+
+
+@dataclass(slots=True)
+class MetricsServer:
+    """A running metrics endpoint; ``close`` stops listening."""
+
+    runner: web.AppRunner
+    url: str
+
+    async def close(self) -> None:
+        """Stop serving and release the port."""
+        await self.runner.cleanup()
+
+
+def metrics_app(metrics: Metrics) -> web.Application:
+    """Build the aiohttp application that serves ``GET /metrics``."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        body, content_type = metrics.render(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get(METRICS_PATH, scrape)
+    return app
+
+
+async def start_metrics_server(metrics: Metrics, address: tuple[str, int]) -> MetricsServer:
+    """Serve ``metrics`` on ``address`` (host, port; port 0 picks a free one) from the running loop.
+
+    Raises OSError when the address cannot be bound (e.g. the port is taken).
+    """
+    runner = web.AppRunner(metrics_app(metrics), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, address[0], address[1])
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    host, port = runner.addresses[0][:2]
+    url = f"http://[{host}]:{port}{METRICS_PATH}" if ":" in host else f"http://{host}:{port}{METRICS_PATH}"
+    log.info("metrics endpoint listening url=%s", url)
+    return MetricsServer(runner, url)

@@ -1,0 +1,131 @@
+"""Walk Whiplash's changes over a window and commit them page by page: the path every order read takes.
+
+Shared by the daemon's poller (``move_cursor=True``) and ``klaviyo-bridge resync`` (``move_cursor=False``).
+Invariants:
+- each page is mapped by ``core.plan_page`` against the order memory and names committed so far, and its
+  memory, outbox rows and cursor are committed in ONE store transaction (``Store.commit_page``);
+- re-reading a window never doubles an event: the order memory says which milestones were announced, and
+  the outbox refuses a second row with the same ``unique_id`` even if two readers race;
+- the cursor moves only with ``move_cursor``, and never past a malformed order: from the first one on it is
+  held for the rest of the walk, so the order is read again next cycle;
+- with ``move_cursor=False`` the customer's cursor is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import aiohttp
+
+from . import core
+from .config import WhiplashSettings
+from .orders import Order
+from .store import Store
+from .whiplash import Key, Page, TokenManager, TokenVault, WhiplashAuth, WhiplashClient
+
+Clock = Callable[[], datetime]
+PageHook = Callable[[Page, int], None]  # (committed page, rows it queued)
+
+
+class ChangeSource(Protocol):
+    """What a sync reads from: Whiplash's changed orders in (updated_at, id) order."""
+
+    def walk_changes(self, customer_id: int, since: datetime) -> AsyncIterator[Page]:
+        """Yield pages of orders changed at or after ``since``."""
+        ...
+
+
+@dataclass(slots=True)
+class SyncStats:
+    """What one walk over a window found and queued."""
+
+    fetched: int = 0
+    queued: int = 0  # outbox rows that became pending (events and profiles)
+    already_announced: int = 0  # orders whose current milestone had been announced before
+    skipped_no_email: int = 0
+    malformed: int = 0
+    lag_s: float = 0.0  # age of the newest change that produced an event, at commit time
+    pages: int = 0
+
+    def add(self, page: Page, plan: core.Plan, queued: int, already: int, now: datetime) -> None:
+        """Count one committed page."""
+        self.pages += 1
+        self.fetched += len(page.orders) + len(page.malformed)
+        self.queued += queued
+        self.already_announced += already
+        self.skipped_no_email += plan.skipped_no_email
+        self.malformed += len(page.malformed)
+        if plan.events:
+            newest = max(o.updated_at for o in page.orders)
+            self.lag_s = max(self.lag_s, (now - newest).total_seconds())
+
+
+def next_cursor(page: Page, held: bool) -> tuple[Key | None, bool]:
+    """Return the cursor to store after a page (None: leave it) and whether it is held from now on."""
+    if held:
+        return None, True
+    if page.malformed:
+        return page.safe_key, True
+    return page.last_key, False
+
+
+def already_announced(rules: core.Rules, orders: Iterable[Order], known: Mapping[int, core.OrderMemory]) -> int:
+    """Count orders whose current status maps to a milestone the memory says was announced."""
+    count = 0
+    for order in orders:
+        kind = core.event_for(order, rules)
+        memory = known.get(order.id)
+        count += kind is not None and memory is not None and kind in memory.announced
+    return count
+
+
+async def commit_page(
+    store: Store, rules: core.Rules, page: Page, cursor: Key | None, now: datetime
+) -> tuple[core.Plan, int, int]:
+    """Map one page and commit it; return (plan, rows queued, orders already announced)."""
+    cid = rules.customer_id
+    known = await store.load_memory(cid, [o.id for o in page.orders])
+    names = await store.load_names(cid, {o.email for o in page.orders if o.email})
+    plan = core.plan_page(rules, page.orders, known, names, now)
+    queued = await store.commit_page(cid, plan, cursor, page.malformed, now)
+    return plan, queued, already_announced(rules, page.orders, known)
+
+
+async def sync_window(
+    whiplash: ChangeSource,
+    store: Store,
+    rules: core.Rules,
+    since: datetime,
+    *,
+    move_cursor: bool,
+    clock: Clock,
+    on_page: PageHook | None = None,
+) -> SyncStats:
+    """Read every change of ``rules.customer_id`` since ``since`` and commit it page by page.
+
+    ``on_page`` runs after each commit (the daemon logs malformed orders and wakes its sender there).
+    """
+    stats = SyncStats()
+    await store.ensure_customer(rules.customer_id)
+    held = not move_cursor
+    async for page in whiplash.walk_changes(rules.customer_id, since):
+        cursor, held = next_cursor(page, held)
+        now = clock()
+        plan, queued, already = await commit_page(store, rules, page, cursor, now)
+        stats.add(page, plan, queued, already, now)
+        if on_page is not None:
+            on_page(page, queued)
+    return stats
+
+
+def build_whiplash_client(
+    settings: WhiplashSettings, session: aiohttp.ClientSession, vault: TokenVault
+) -> WhiplashClient:
+    """Build the Whiplash client (and its token manager) from settings."""
+    w = settings
+    auth = WhiplashAuth(w.base_url, w.grant, w.client_id, w.client_secret, w.refresh_token, w.scope)
+    tokens = TokenManager(session, auth, vault)
+    return WhiplashClient(session, tokens, base_url=w.base_url, page_size=w.page_size, timeout=w.timeout_seconds)

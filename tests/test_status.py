@@ -1,0 +1,175 @@
+"""`klaviyo-bridge status` against a real state DB: the table, --json, phases, "sent today" and the exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from klaviyo_bridge.cli import EX_OK, EX_UNHEALTHY, main
+from klaviyo_bridge.config import CustomerSettings
+from klaviyo_bridge.core import EventKind, EventRow, Plan
+from klaviyo_bridge.status import age_text, phase_of, render_status, utc_midnight
+from klaviyo_bridge.store import CustomerState, Store
+
+INTERVAL = 60.0
+
+
+@dataclass
+class Cust:
+    """One [[customers]] block."""
+
+    cid: int
+    launch: date
+    enabled: bool = True
+    name: str = "Shop"
+
+
+def write_config(tmp_path: Path, customers: list[Cust]) -> Path:
+    """Write a config whose state DB lives in tmp_path."""
+    blocks = "".join(
+        f'\n[[customers]]\nwhiplash_customer_id = {c.cid}\nname = "{c.name} {c.cid}"\n'
+        f'klaviyo_api_key = "env:TEST_KLAVIYO_KEY"\nlaunch_date = {c.launch.isoformat()}\n'
+        f"enabled = {'true' if c.enabled else 'false'}\n"
+        for c in customers
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[bridge]\nstate_path = "{tmp_path / "state.db"}"\npoll_interval_seconds = {INTERVAL}\n'
+        '[whiplash]\nbase_url = "http://127.0.0.1:9"\nclient_id = "c"\nclient_secret = "env:TEST_WHIPLASH"\n'
+        '[klaviyo]\ndefault_profile_email = "samples@example.com"\n' + blocks
+    )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def secrets_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Provide the env: secrets the test config refers to."""
+    monkeypatch.setenv("TEST_KLAVIYO_KEY", "pk_test_status_key_0001")
+    monkeypatch.setenv("TEST_WHIPLASH", "whiplash-test-secret")
+
+
+def event(order_id: int, kind: EventKind = EventKind.SHIPPED) -> EventRow:
+    """Build a minimal event row."""
+    uid = f"{order_id}:{kind.value}"
+    return EventRow(uid, order_id, kind, {"unique_id": uid, "email": "a@example.com", "metric": "m"})
+
+
+async def seed(db: Path, cid: int, *, sent_at: list[datetime], queued: int, dead: int, polled: datetime | None) -> None:
+    """Give a customer rows sent at those times, some queued, some dead, and a completed poll."""
+    store = await Store.open(db)
+    try:
+        n = len(sent_at) + queued + dead
+        now = datetime.now(UTC)
+        await store.commit_page(cid, Plan(events=[event(cid * 1000 + i) for i in range(n)]), None, (), now)
+        rows = await store.due_rows(cid, now + timedelta(seconds=1), n)
+        for row, at in zip(rows, sent_at, strict=False):
+            await store.mark_sent(row, at)
+        for row in rows[len(sent_at) : len(sent_at) + dead]:
+            await store.mark_dead(row, now, 400, '{"errors":[{"detail":"bad"}]}')
+        if polled is not None:
+            await store.record_poll(cid, polled, True, None)
+    finally:
+        await store.close()
+
+
+def test_table_and_json_show_each_customer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1. A live customer with rows sent before and after 00:00 UTC, 2 queued, 1 dead, polled 10 s ago;
+    a pre-launch customer polled now; a disabled one never polled. 2. status, then status --json.
+    Result: exit 0; sent_today counts only rows sent since 00:00 UTC; phases live / pre-launch / backfill."""
+    today = datetime.now(UTC).date()
+    cfg = write_config(tmp_path, [Cust(11, today - timedelta(days=30)), Cust(22, today + timedelta(days=5)),
+                                  Cust(33, today - timedelta(days=1), enabled=False)])
+    midnight = utc_midnight(datetime.now(UTC))
+    now = datetime.now(UTC)
+    sent = [midnight + timedelta(seconds=1), midnight + timedelta(seconds=2), midnight - timedelta(seconds=1)]
+    asyncio.run(seed(tmp_path / "state.db", 11, sent_at=sent, queued=2, dead=1, polled=now - timedelta(seconds=10)))
+    asyncio.run(seed(tmp_path / "state.db", 22, sent_at=[], queued=0, dead=0, polled=now))
+
+    assert main(["status", "--config", str(cfg)]) == EX_OK
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["customer", "name", "enabled", "phase"]
+    live = next(line for line in table if line.startswith("11 "))
+    assert "live" in live
+    assert "sent_today" in table[0]
+    assert not any(line.startswith("STALE") for line in table)
+
+    assert main(["status", "--json", "--config", str(cfg)]) == EX_OK
+    rows = {r["customer_id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert (rows[11]["sent_today"], rows[11]["sent_total"], rows[11]["queued"], rows[11]["dead"]) == (2, 3, 2, 1)
+    assert [rows[c]["phase"] for c in (11, 22, 33)] == ["live", "pre-launch", "backfill"]
+    assert rows[11]["stale"] is False
+    assert rows[33]["stale"] is False
+    assert rows[11]["key"] == "ok"
+    assert rows[11]["last_error"] is None
+
+
+def test_exit_code_is_unhealthy_when_an_enabled_customer_stopped_polling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1. Customer 11 polled 10 s ago, customer 12 polled 4 × poll_interval ago. 2. status.
+    Result: exit 2, a STALE line naming 12 (not 11); after 12 polls again, exit 0."""
+    today = datetime.now(UTC).date()
+    cfg = write_config(tmp_path, [Cust(11, today - timedelta(days=3)), Cust(12, today - timedelta(days=3))])
+    now = datetime.now(UTC)
+    asyncio.run(seed(tmp_path / "state.db", 11, sent_at=[], queued=0, dead=0, polled=now - timedelta(seconds=10)))
+    asyncio.run(seed(tmp_path / "state.db", 12, sent_at=[], queued=0, dead=0,
+                     polled=now - timedelta(seconds=4 * INTERVAL)))
+
+    assert main(["status", "--config", str(cfg)]) == EX_UNHEALTHY
+    stale = [line for line in capsys.readouterr().out.splitlines() if line.startswith("STALE")]
+    assert len(stale) == 1
+    assert "customer=12" in stale[0]
+
+    asyncio.run(seed(tmp_path / "state.db", 12, sent_at=[], queued=0, dead=0, polled=datetime.now(UTC)))
+    assert main(["status", "--config", str(cfg)]) == EX_OK
+
+
+def test_never_polled_enabled_customer_is_unhealthy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1. An enabled customer the daemon never polled (DB exists). 2. status --json. Result: exit 2, stale."""
+    today = datetime.now(UTC).date()
+    cfg = write_config(tmp_path, [Cust(11, today)])
+    asyncio.run(seed(tmp_path / "state.db", 99, sent_at=[], queued=0, dead=0, polled=None))
+    assert main(["status", "--json", "--config", str(cfg)]) == EX_UNHEALTHY
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["stale"] is True
+    assert row["poll_age_s"] is None
+    assert row["phase"] == "backfill"
+
+
+LAUNCH = date(2026, 5, 10)
+LAUNCH_AT = datetime(2026, 5, 10, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("now", "last_ok", "phase"),
+    [
+        (LAUNCH_AT - timedelta(seconds=1), LAUNCH_AT - timedelta(seconds=30), "pre-launch"),
+        (LAUNCH_AT + timedelta(minutes=1), LAUNCH_AT - timedelta(seconds=30), "backfill"),  # first walk running
+        (LAUNCH_AT + timedelta(minutes=1), None, "backfill"),
+        (LAUNCH_AT + timedelta(minutes=1), LAUNCH_AT + timedelta(seconds=5), "live"),
+    ],
+)
+def test_phase_follows_launch_and_the_first_completed_poll(now: datetime, last_ok: datetime | None, phase: str) -> None:
+    """1. A customer launching 2026-05-10 at various moments. Result: the phase named in the case."""
+    customer = CustomerSettings.model_validate(
+        {"whiplash_customer_id": 1, "name": "n", "klaviyo_api_key": "k", "launch_date": LAUNCH}
+    )
+    assert phase_of(customer, CustomerState(1, last_poll_ok_at=last_ok), now) == phase
+
+
+def test_age_text_and_long_errors_stay_on_one_line() -> None:
+    """1. Ages from seconds to days; a row whose last error spans lines. Result: compact ages; one line per row."""
+    assert [age_text(s) for s in (5, 185, 7500, 190000)] == ["5s", "3m05s", "2h05m", "2d04h"]
+    from klaviyo_bridge.status import StatusRow
+
+    row = StatusRow(1, "n", True, "2026-01-01", "live", None, None, None, 0, 0, 0, 0, 0, "REFUSED",
+                    "line one\nline two " + "x" * 200, False)
+    text = render_status([row])
+    assert len(text.splitlines()) == 2
+    assert "line one line two" in text
+    assert "REFUSED" in text
