@@ -90,19 +90,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until stopped (or once)."""
     from .daemon import Daemon  # deferred: check-config and status need not import aiohttp
 
-    loaded = load_or_report(args.config)
+    path = args.config or default_config_path(os.environ)
+    loaded = load_or_report(path)
     if loaded is None:
         return EX_CONFIG
     register_secrets(loaded)
     logs.setup_logging(loaded.settings.bridge.log_level, loaded.settings.bridge.log_format)
     try:
-        return asyncio.run(Daemon(loaded, once=args.once).run())
+        return asyncio.run(Daemon(loaded, once=args.once, config_path=path).run())
     except StoreError as exc:
         log.critical("state database unusable: %s", exc)
         return EX_FATAL
-    except asyncio.CancelledError:
-        # The second SIGTERM/SIGINT cancels everything on purpose.
-        return EX_OK
+    except Exception:
+        # Logged here rather than by the interpreter so the traceback is one journal line with priority.
+        log.critical("fatal error; exiting with status 1 (systemd restarts the service)", exc_info=True)
+        return EX_FATAL
 
 
 def cmd_status(args: argparse.Namespace) -> int:
