@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -103,10 +104,13 @@ async def sync_window(
     move_cursor: bool,
     clock: Clock,
     on_page: PageHook | None = None,
+    stop: asyncio.Event | None = None,
 ) -> SyncStats:
     """Read every change of ``rules.customer_id`` since ``since`` and commit it page by page.
 
     ``on_page`` runs after each commit (the daemon logs malformed orders and wakes its sender there).
+    A set ``stop`` ends the walk after the current page: every page is committed with its cursor, so the
+    next walk resumes exactly there.
     """
     stats = SyncStats()
     await store.ensure_customer(rules.customer_id)
@@ -118,14 +122,18 @@ async def sync_window(
         stats.add(page, plan, queued, already, now)
         if on_page is not None:
             on_page(page, queued)
+        if stop is not None and stop.is_set():
+            break
     return stats
 
 
 def build_whiplash_client(
-    settings: WhiplashSettings, session: aiohttp.ClientSession, vault: TokenVault
+    settings: WhiplashSettings, session: aiohttp.ClientSession, vault: TokenVault, *, max_time: float = 120.0
 ) -> WhiplashClient:
-    """Build the Whiplash client (and its token manager) from settings."""
+    """Build the Whiplash client (and its token manager) from settings; ``max_time`` bounds a page's retries."""
     w = settings
     auth = WhiplashAuth(w.base_url, w.grant, w.client_id, w.client_secret, w.refresh_token, w.scope)
     tokens = TokenManager(session, auth, vault)
-    return WhiplashClient(session, tokens, base_url=w.base_url, page_size=w.page_size, timeout=w.timeout_seconds)
+    return WhiplashClient(
+        session, tokens, base_url=w.base_url, page_size=w.page_size, timeout=w.timeout_seconds, max_time=max_time
+    )

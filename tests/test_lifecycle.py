@@ -25,6 +25,7 @@ from klaviyo_bridge.config import Settings, load_config
 from klaviyo_bridge.daemon import CustomerWorker, Daemon, Watchdog, WorkerPool, effective_settings, plan_reload
 from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo, serve_klaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash
+from klaviyo_bridge.sync import SyncStats
 from klaviyo_bridge.systemd import Notifier
 
 CID, KEY = 101, "pk_lifecycle_0123456789ab"
@@ -280,7 +281,7 @@ async def test_a_hung_poll_stops_the_watchdog_pings(live: Live, caplog: pytest.L
     Result: within the stall window (2.3 s) the pings stop and a "poll stalled" ERROR names the customer."""
     assert await pings_during(live.sock, 0.6) >= 3
 
-    async def hang(self: CustomerWorker) -> daemon_module.PollStats:
+    async def hang(self: CustomerWorker) -> SyncStats:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 

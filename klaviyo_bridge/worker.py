@@ -1,0 +1,271 @@
+"""One customer's work: poll Whiplash into the store, and deliver the store's outbox to Klaviyo.
+
+A worker runs two tasks: a poller (drift-free ticks; each fetched page committed in one transaction by
+``sync.sync_window``) and a sender (drains the outbox whenever the poller queued rows or a retry comes
+due). Every cycle of either task catches its own errors, so one customer's bad key, bad data or outage
+never stalls another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import TypeVar
+
+from . import core
+from .config import CustomerSettings, Settings
+from .delivery import Deliverer
+from .errors import AuthFailed, BridgeError, MalformedOrder, UpstreamError
+from .klaviyo import KlaviyoClient
+from .metrics import MetricsSink, NoMetrics
+from .store import Store
+from .sync import ChangeSource, SyncStats, sync_window
+from .whiplash import Page
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+T = TypeVar("T")
+
+
+def utcnow() -> datetime:
+    """Return the current time, aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def midnight_utc(day: date) -> datetime:
+    """Return 00:00 UTC of a date."""
+    return datetime.combine(day, datetime.min.time(), UTC)
+
+
+class CustomerWorker:
+    """Everything the bridge does for one customer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        customer: CustomerSettings,
+        store: Store,
+        whiplash: ChangeSource,
+        klaviyo: KlaviyoClient,
+        clock: Clock = utcnow,
+        metrics: MetricsSink | None = None,
+    ) -> None:
+        self.settings = settings
+        self.customer = customer
+        self.cid = customer.whiplash_customer_id
+        self.rules = settings.rules_for(customer)
+        self.store = store
+        self.whiplash = whiplash
+        self.klaviyo = klaviyo
+        self.clock = clock
+        self.metrics: MetricsSink = metrics if metrics is not None else NoMetrics()
+        self.deliverer = Deliverer(self.cid, store, klaviyo, clock=clock)
+        self.wake = asyncio.Event()
+        self.setup_done = False
+        self._logged_malformed: set[tuple[int | None, str]] = set()
+        # Monotonic time of the last committed page or completed poll cycle: what the watchdog checks.
+        self.progress = time.monotonic()
+        self.last_cycle_at: datetime | None = None
+        self._stop: asyncio.Event | None = None
+
+    def is_launched(self, now: datetime) -> bool:
+        """Tell whether the customer's launch date has come (polling starts then)."""
+        return now >= midnight_utc(self.customer.launch_date)
+
+    def window_start(self) -> datetime:
+        """Return where a new customer's cursor starts: launch date minus the backfill days."""
+        return midnight_utc(self.customer.launch_date) - timedelta(days=self.customer.backfill_days)
+
+    async def ensure_setup(self) -> None:
+        """Ensure the list exists and, once per customer, queue the default profile and sample events."""
+        if self.setup_done:
+            return
+        await self.store.ensure_customer(self.cid)
+        state = await self.store.customer_state(self.cid)
+        if not (state.setup_done and state.list_id):
+            list_id = await self.klaviyo.ensure_list(self.customer.list_name)
+            await self._queue_setup(list_id)
+        self.setup_done = True
+        self.wake.set()
+
+    async def _queue_setup(self, list_id: str) -> None:
+        """Queue the default profile and one sample event per metric, once (idempotent)."""
+        now = self.clock()
+        email = self.settings.klaviyo.default_profile_email
+        samples = core.sample_events(self.rules, email, now)
+        await self.store.queue_setup(self.cid, list_id, core.setup_profile(email), samples, now)
+        log.info("customer set up customer=%s list=%r list_id=%s", self.cid, self.customer.list_name, list_id)
+
+    async def poll_once(self) -> SyncStats:
+        """Walk Whiplash's changes since the cursor (minus the overlap), committing page by page."""
+        await self.store.ensure_customer(self.cid)
+        state = await self.store.customer_state(self.cid)
+        since = self.window_start()
+        if state.cursor is not None:
+            since = max(since, state.cursor[0] - timedelta(seconds=self.settings.whiplash.overlap_seconds))
+        return await sync_window(
+            self.whiplash, self.store, self.rules, since, move_cursor=True, clock=self.clock,
+            on_page=self._on_page, stop=self._stop,
+        )
+
+    def _on_page(self, page: Page, queued: int) -> None:
+        """Log unreadable orders, record progress for the watchdog, and wake the sender."""
+        for bad in page.malformed:
+            self._log_malformed(bad)
+        self.progress = time.monotonic()
+        if queued:
+            self.wake.set()
+
+    def _log_malformed(self, bad: MalformedOrder) -> None:
+        """Log an unreadable order once per process, with what ops need to chase it."""
+        if (bad.order_id, bad.why) in self._logged_malformed:
+            return
+        self._logged_malformed.add((bad.order_id, bad.why))
+        log.error(
+            "malformed order customer=%s order=%s why=%s excerpt=%s action=%s",
+            self.cid,
+            bad.order_id,
+            bad.why,
+            bad.excerpt,
+            "the cursor waits before this order; ask Whiplash to fix it or re-save the order",
+        )
+
+    async def poll_cycle(self) -> SyncStats:
+        """Poll once if launched and record the outcome; failures are logged, not raised."""
+        now = self.clock()
+        if not self.is_launched(now):
+            await self.store.record_poll(self.cid, now, True, None)
+            return SyncStats()
+        try:
+            stats = await self.poll_once()
+        except (BridgeError, sqlite3.Error) as exc:
+            self.metrics.poll_done(self.cid, False)
+            await self.store.record_poll(self.cid, self.clock(), False, str(exc))
+            log.error("poll failed customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
+            return SyncStats()
+        self.metrics.poll_done(self.cid, True, stats.lag_s)
+        await self.store.record_poll(self.cid, self.clock(), True, None)
+        await self._update_gauges()
+        return stats
+
+    async def _update_gauges(self) -> None:
+        """Refresh the queued and dead-letter gauges (only when metrics are served: it costs a count)."""
+        if isinstance(self.metrics, NoMetrics):
+            return
+        counts = await self.store.counts(self.cid, self.clock())
+        self.metrics.set_queued(self.cid, counts.queued)
+        self.metrics.set_dead_letters(self.cid, counts.dead)
+
+    def summarise(self, stats: SyncStats) -> None:
+        """Log the per-cycle summary line if anything happened."""
+        sent = self.deliverer.stats.take()
+        self.metrics.sent(self.cid, sent.sent)
+        self.metrics.dead(self.cid, sent.dead)
+        self.metrics.retried(self.cid, sent.retried)
+        if stats.fetched or stats.queued or sent.sent or sent.dead or sent.retried:
+            log.info(
+                "cycle customer=%s fetched=%d queued=%d sent=%d dead=%d retried=%d no_email=%d malformed=%d "
+                "lag_s=%.1f",
+                self.cid,
+                stats.fetched,
+                stats.queued,
+                sent.sent,
+                sent.dead,
+                sent.retried,
+                stats.skipped_no_email,
+                stats.malformed,
+                stats.lag_s,
+            )
+
+    async def deliver_cycle(self) -> None:
+        """Set up if needed and send everything due; errors pause this customer only."""
+        try:
+            await self.ensure_setup()
+            await self.deliverer.deliver_due()
+            await self.deliverer.flush_list_members()
+        except AuthFailed as exc:
+            await self.deliverer.on_key_refused(exc)
+        except UpstreamError as exc:
+            log.warning("klaviyo set-up failed customer=%s error=%s action=%s", self.cid, exc,
+                        "retried next cycle; if it persists check Klaviyo's status page and the key's list scopes")
+
+    async def run_once(self) -> None:
+        """Poll once and deliver everything deliverable now (``run --once``)."""
+        stats = await self.poll_cycle()
+        await self.deliver_cycle()
+        self.summarise(stats)
+
+    async def run_poller(self, stop: asyncio.Event) -> None:
+        """Poll on a drift-free schedule until ``stop`` is set."""
+        interval = self.settings.bridge.poll_interval_seconds
+        self._stop = stop
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            stats = await guarded(self.poll_cycle(), f"poll customer={self.cid}")
+            self.progress, self.last_cycle_at = time.monotonic(), self.clock()
+            self.summarise(stats or SyncStats())
+            next_tick += interval
+            # A cycle longer than the interval starts the next one at once instead of bursting to catch up.
+            next_tick = max(next_tick, time.monotonic())
+            await sleep_unless(stop, next_tick - time.monotonic())
+
+    async def run_sender(self, stop: asyncio.Event) -> None:
+        """Deliver whenever rows are queued or come due, until ``stop`` is set."""
+        probe = self.settings.klaviyo.key_probe_seconds
+        while not stop.is_set():
+            self.wake.clear()
+            await guarded(self.deliver_cycle(), f"deliver customer={self.cid}")
+            if self.deliverer.key_refused:
+                await sleep_unless(stop, probe)
+                self.deliverer.key_refused = False
+                continue
+            await wait_any(stop, self.wake, await self._until_next_due())
+
+    async def _until_next_due(self) -> float:
+        """Return seconds until the earliest rescheduled row is due (at most a minute, to stay responsive)."""
+        nxt = await self.store.next_due_at(self.cid)
+        if nxt is None:
+            return 60.0
+        return min(60.0, max(0.05, (nxt - self.clock()).total_seconds()))
+
+
+def _poll_advice(exc: BaseException) -> str:
+    """Tell ops what to do about a failed poll."""
+    if isinstance(exc, AuthFailed):
+        return "check the Whiplash client credentials / refresh token and the customer id"
+    if isinstance(exc, sqlite3.Error):
+        return "check the state DB's disk (space, permissions); nothing was committed for the failed page"
+    return "will retry next cycle; if it persists check Whiplash status and network"
+
+
+async def guarded(coro: Awaitable[T], what: str) -> T | None:
+    """Run one cycle, logging (not raising) anything unexpected so the loop survives."""
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s; continuing next cycle", what)
+        return None
+
+
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep up to ``seconds``, returning early when ``stop`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
+
+
+async def wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float | None) -> None:
+    """Sleep until ``stop`` or ``wake`` is set, or ``seconds`` pass."""
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
