@@ -1,10 +1,341 @@
-"""Placeholder: sub-commands of this module are being written."""
+"""``klaviyo-bridge demo``: the real daemon against the built-in simulators, then a readable summary.
+
+The simulators run in this process; the bridge runs as a child process (``python -m klaviyo_bridge run``)
+with a temporary config whose secrets are ``env:`` references, exactly as in production. Orders move every
+second while it runs; then the child gets SIGTERM and the summary is read from the simulated Klaviyo, the
+simulated Whiplash and ``klaviyo-bridge status --json``.
+
+Invariants: everything lives in a temporary directory removed at the end; the child runs in its own session
+so a Ctrl-C reaches only the demo, which then stops the child once, gracefully; the exit code is 0 exactly
+when the bridge exited 0 and its status could be read.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from .core import DEFAULT_METRIC_NAMES, DEFAULT_STATUS_EVENTS
+from .sandbox.world import (
+    Sandbox,
+    SandboxCustomer,
+    SandboxUrls,
+    bridge_env,
+    build_sandbox,
+    config_text,
+    demo_customers,
+    serve_sandbox,
+)
+
+if TYPE_CHECKING:
+    from .sandbox.klaviyo import Account
+    from .sandbox.whiplash import SimOrder
+
+EX_OK = 0
+EX_FAILED = 1
+TICK_SECONDS = 1.0
+SETTLE_SECONDS = 2.0  # after the last order move: one poll plus delivery, so the summary shows a settled state
+GRACE_SECONDS = 5.0
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d) (\w+)\s+klaviyo_bridge\.(\w+): (.*)$")
+Status = Mapping[str, Any]
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add this module's sub-commands to the CLI."""
+    """Add the ``demo`` sub-command to the CLI."""
+    parser = sub.add_parser("demo", help="run the bridge against built-in simulators and summarise the outcome")
+    parser.add_argument("--seconds", type=float, default=15.0,
+                        help="how long orders move while the bridge runs (default 15)")
+    parser.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo."""
+    return asyncio.run(run_demo(max(args.seconds, 1.0), sys.stdout))
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    """How the bridge run went."""
+
+    returncode: int | None = None
+    exited_early: bool = False
+    ran_s: float = 0.0
+    stop_s: float = 0.0
+    changes: int = 0
+    spawned: int = 0
+    status: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def run_demo(seconds: float, out: TextIO) -> int:
+    """Set up the sandbox, run the bridge for ``seconds`` while orders move, print the summary."""
+    customers = demo_customers(datetime.now(UTC).date())
+    sandbox = build_sandbox(customers)
+    with tempfile.TemporaryDirectory(prefix="klaviyo-bridge-demo-") as tmp:
+        async with serve_sandbox(sandbox) as urls:
+            config = Path(tmp) / "config.toml"
+            config.write_text(config_text(urls, Path(tmp) / "state.db", customers, grace=GRACE_SECONDS))
+            _print(out, intro(urls, sandbox, config, seconds))
+            outcome = await run_bridge(sandbox, config, seconds, out)
+            outcome.status = await read_status(config, customers)
+        _print(out, summary(sandbox, outcome, datetime.now(UTC)))
+    return EX_OK if outcome.returncode == 0 and outcome.status else EX_FAILED
+
+
+def _print(out: TextIO, lines: Sequence[str]) -> None:
+    """Write lines and flush, so they interleave correctly with the streamed bridge log."""
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+# ---------------------------------------------------------------- running the bridge
+
+
+async def run_bridge(sandbox: Sandbox, config: Path, seconds: float, out: TextIO) -> RunOutcome:
+    """Run the daemon as a child, move orders for ``seconds``, let it settle, then SIGTERM it."""
+    outcome = RunOutcome()
+    stop = asyncio.Event()  # Ctrl-C, or the child exiting on its own, ends the run early
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "klaviyo_bridge", "run", "--config", str(config),
+        env=bridge_env(sandbox.customers), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # a terminal Ctrl-C must not reach the child as well: we stop it once, ourselves
+    )
+    assert proc.stdout is not None
+    pump = asyncio.create_task(stream_log(proc.stdout, out))
+    exited = asyncio.create_task(proc.wait())
+    exited.add_done_callback(lambda _: stop.set())
+    try:
+        started = time.monotonic()
+        await move_orders(sandbox, seconds, stop, outcome)
+        await _wait_or_stop(stop, SETTLE_SECONDS)
+        outcome.ran_s = time.monotonic() - started
+        outcome.exited_early = proc.returncode is not None
+        outcome.returncode, outcome.stop_s = await terminate(proc)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.gather(exited, pump)
+    return outcome
+
+
+async def move_orders(sandbox: Sandbox, seconds: float, stop: asyncio.Event, outcome: RunOutcome) -> None:
+    """Tick every order script once a second (a new order per customer every other tick)."""
+    deadline = time.monotonic() + seconds
+    ticks = 0
+    while time.monotonic() < deadline and not stop.is_set():
+        await _wait_or_stop(stop, min(TICK_SECONDS, deadline - time.monotonic()))
+        ticks += 1
+        spawn = ticks % 2
+        outcome.changes += len(sandbox.tick(share=0.3, spawn=spawn))
+        outcome.spawned += spawn * len(sandbox.scripts)
+
+
+async def _wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep up to ``seconds``, waking early when ``stop`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=max(seconds, 0.0))
+
+
+async def terminate(proc: asyncio.subprocess.Process) -> tuple[int | None, float]:
+    """Send SIGTERM and wait out the grace period; return (exit code or None if killed, seconds taken)."""
+    if proc.returncode is not None:
+        return proc.returncode, 0.0  # it stopped on its own: its log says why
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = await asyncio.wait_for(proc.wait(), GRACE_SECONDS + 5.0)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None, time.monotonic() - sent
+    return code, time.monotonic() - sent
+
+
+async def stream_log(stream: asyncio.StreamReader, out: TextIO) -> None:
+    """Copy the bridge's log to ``out``, shortened and prefixed so it reads apart from the demo's text."""
+    async for raw in stream:
+        _print(out, [f"  bridge | {short_log_line(raw.decode(errors='replace').rstrip())}"])
+
+
+def short_log_line(line: str) -> str:
+    """Drop the date and the package prefix from a text log line: ``12:00:01 INFO daemon: started …``."""
+    m = _LOG_LINE.match(line)
+    return f"{m[1]} {m[2]:<7} {m[3]}: {m[4]}" if m else line
+
+
+async def read_status(config: Path, customers: list[SandboxCustomer]) -> list[dict[str, Any]]:
+    """Run ``klaviyo-bridge status --json`` and return its rows ([] when it could not be read)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "klaviyo_bridge", "status", "--json", "--config", str(config),
+        env=bridge_env(customers), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await proc.communicate()
+    try:
+        rows = json.loads(stdout)
+    except ValueError:
+        return []
+    return rows if isinstance(rows, list) else []
+
+
+# ---------------------------------------------------------------- what is printed
+
+
+def intro(urls: SandboxUrls, sandbox: Sandbox, config: Path, seconds: float) -> list[str]:
+    """Return the lines printed before the bridge starts."""
+    checks = "Klaviyo's OpenAPI spec" if sandbox.klaviyo.spec_validation else "hand-written rules (spec not found)"
+    lines = [
+        "klaviyo-bridge demo: the real daemon against simulated Whiplash and Klaviyo (no credentials needed)",
+        f"  whiplash sim {urls.whiplash}   klaviyo sim {urls.klaviyo}   bodies checked against {checks}",
+        f"  config {config} (secrets via env: references)",
+        "  customers:",
+    ]
+    lines += [f"    {c.cid} {c.name:<17} {plan_text(c)}" for c in sandbox.customers]
+    lines.append(f"running the bridge (poll every 1 s) while orders move for {seconds:.0f} s, then SIGTERM …")
+    return lines
+
+
+def plan_text(c: SandboxCustomer) -> str:
+    """Describe what the bridge will do for one customer."""
+    now = datetime.now(UTC)
+    launch = f"{c.launch_date} ({relative_day(c.launch_date, now)})"
+    if not c.is_launched(now):
+        return f"launch {launch}: set-up only — list, sample profile, one sample event per metric"
+    text = f"launched {launch}, backfill_days={c.backfill_days}: reads changes since {c.window_start:%Y-%m-%d}"
+    return text + ("; its Klaviyo key is revoked" if c.revoked else "")
+
+
+def relative_day(day: date, now: datetime) -> str:
+    """Say "today", "in 2 days" or "7 days ago"."""
+    delta = (day - now.date()).days
+    if delta == 0:
+        return "today"
+    return f"in {plural(delta, 'day')}" if delta > 0 else f"{plural(-delta, 'day')} ago"
+
+
+def summary(sandbox: Sandbox, outcome: RunOutcome, now: datetime) -> list[str]:
+    """Return the closing summary: per customer, then overall."""
+    rows = {int(r["customer_id"]): r for r in outcome.status}
+    lines = ["", "summary", "======="]
+    for c in sandbox.customers:
+        lines += customer_section(sandbox, c, rows.get(c.cid, {}), now)
+    return lines + overall_section(sandbox, outcome)
+
+
+def customer_section(sandbox: Sandbox, c: SandboxCustomer, row: Status, now: datetime) -> list[str]:
+    """Summarise one customer: Whiplash side, Klaviyo side, events and refusals."""
+    acct = sandbox.klaviyo.account(str(c.cid))
+    klist = acct.list_named(c.list_name)
+    members = len(klist.members) if klist else 0
+    return [
+        "",
+        f"{c.cid} {c.name} — {plan_text(c)}",
+        *whiplash_lines(sandbox, c, now),
+        f"  klaviyo:  {plural(len(acct.profiles), 'profile')}, list {c.list_name!r} has {plural(members, 'member')}",
+        *event_table(acct),
+        *refused_lines(acct, row),
+    ]
+
+
+def plural(n: int, noun: str) -> str:
+    """Return "1 profile" / "2 profiles"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def orders_of(sandbox: Sandbox, cid: int) -> list[SimOrder]:
+    """Return one customer's orders in the simulated Whiplash."""
+    return [o for o in sandbox.whiplash.orders.values() if o.customer_id == cid]
+
+
+def whiplash_lines(sandbox: Sandbox, c: SandboxCustomer, now: datetime) -> list[str]:
+    """Describe the customer's orders: how many the bridge reads and skips, and whether Klaviyo caught up."""
+    orders = orders_of(sandbox, c.cid)
+    if not c.is_launched(now):
+        return [f"  whiplash: {len(orders)} orders, none read before launch"]
+    read = [o for o in orders if o.updated_at >= c.window_start]
+    no_email = sum(1 for o in read if not o.email)
+    announced = announced_count(sandbox.klaviyo.account(str(c.cid)), read)
+    mapped = sum(1 for o in read if o.email and o.status in DEFAULT_STATUS_EVENTS)
+    return [
+        f"  whiplash: {len(orders)} orders: {len(read)} changed since {c.window_start:%Y-%m-%d} (read), "
+        f"{len(orders) - len(read)} older (not read); {no_email} read without email (no profile, no event)",
+        f"  in sync:  current status announced in Klaviyo for {announced} of {mapped} read orders with email",
+    ]
+
+
+def announced_count(acct: Account, orders: Sequence[SimOrder]) -> int:
+    """Count orders whose current status's event is recorded in Klaviyo."""
+    have = {e.unique_id for e in acct.events}
+    return sum(
+        1 for o in orders
+        if o.email and o.status in DEFAULT_STATUS_EVENTS and f"{o.id}:{DEFAULT_STATUS_EVENTS[o.status].value}" in have
+    )
+
+
+def event_table(acct: Account) -> list[str]:
+    """Tabulate recorded events per metric: set-up samples, backfill (no flows) and live (flows fire)."""
+    if not acct.events:
+        return ["  events:   none recorded"]
+    counts: Counter[tuple[str, str]] = Counter()
+    for e in acct.events:
+        column = "sample" if (e.unique_id or "").startswith("sample:") else "backfill" if e.backfill else "live"
+        counts[(e.metric, column)] += 1
+    lines = [f"  {'events':<20}{'sample':>8}{'backfill':>10}{'live':>6}"]
+    for metric in DEFAULT_METRIC_NAMES.values():
+        cells = [counts[(metric, col)] for col in ("sample", "backfill", "live")]
+        lines.append(f"  {metric:<20}{cells[0]:>8}{cells[1]:>10}{cells[2]:>6}")
+    return lines
+
+
+def refused_lines(acct: Account, row: Status) -> list[str]:
+    """Say what Klaviyo refused for this customer and what the bridge kept for later."""
+    lines: list[str] = []
+    if acct.counters.unauthorized or row.get("key") == "REFUSED":
+        lines.append(
+            f"  refused:  Klaviyo answered 401 to {acct.counters.unauthorized} requests (key revoked); "
+            f"{row.get('queued', '?')} rows stay queued until the key works (status key={row.get('key', '?')})"
+        )
+    if row.get("dead"):
+        lines.append(f"  refused:  {row['dead']} rows Klaviyo rejected as invalid are kept as dead letters")
+    if acct.counters.rejections:
+        lines.append(f"  refused:  {len(acct.counters.rejections)} request bodies were invalid")
+    outbox = f"outbox: {row.get('queued', '?')} queued, {row.get('sent_total', '?')} sent"
+    return lines or [f"  refused:  nothing ({outbox})"]
+
+
+def stop_text(outcome: RunOutcome) -> str:
+    """Say how the bridge ended."""
+    if outcome.exited_early:
+        return f"the bridge EXITED BY ITSELF with code {outcome.returncode} (see its log above)"
+    if outcome.returncode is None:
+        return "SIGTERM -> still running after the grace period, killed"
+    return f"SIGTERM -> exit code {outcome.returncode} in {outcome.stop_s:.1f} s"
+
+
+def overall_section(sandbox: Sandbox, outcome: RunOutcome) -> list[str]:
+    """Summarise the run itself and the checks every run should pass."""
+    accounts = sandbox.klaviyo.accounts
+    dupes = sum(a.duplicate_events for a in accounts)
+    throttled = sum(a.counters.throttled for a in accounts)
+    return [
+        "",
+        f"run:      {outcome.ran_s:.1f} s with {outcome.changes} status changes and {outcome.spawned} new orders; "
+        + stop_text(outcome),
+        f"klaviyo:  {len(sandbox.klaviyo.rejections)} invalid bodies, {dupes} duplicate events, "
+        f"{throttled} throttled requests",
+        "status:   " + ("read from klaviyo-bridge status --json" if outcome.status else "COULD NOT BE READ"),
+    ]

@@ -1,11 +1,13 @@
 """Serve a simulator's aiohttp application on a loopback port for the length of a ``with`` block.
 
 Invariants: the site is bound before the base URL is yielded, and the runner is cleaned up on exit even when
-the body raises, so no listening socket outlives the block.
+the body raises, so no listening socket outlives the block. Shutdown waits at most ``shutdown_timeout`` for
+in-flight requests, so a client holding a slow request cannot keep a test or the demo from ending.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,14 +15,23 @@ from aiohttp import web
 
 
 @asynccontextmanager
-async def serve_app(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+async def serve_app(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = False,
+    shutdown_timeout: float = 1.0,
+) -> AsyncIterator[str]:
     """Run ``app`` on host:port (0 picks a free port) and yield its base URL, e.g. ``http://127.0.0.1:4711``."""
-    runner = web.AppRunner(app, access_log=None)
+    logger = logging.getLogger("aiohttp.access") if access_log else None
+    runner = web.AppRunner(app, access_log=logger, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
-        bound_port = runner.addresses[0][1]
-        yield f"http://{host}:{bound_port}"
+        bound_host, bound_port = runner.addresses[0][:2]
+        yield base_url(bound_host, bound_port)
     finally:
         await runner.cleanup()
+
+
+def base_url(host: str, port: int) -> str:
+    """Return ``http://host:port``, bracketing an IPv6 address."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

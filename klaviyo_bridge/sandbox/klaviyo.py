@@ -255,6 +255,8 @@ def injected_error(status: int, retry_after: int = 1) -> ApiError:
     """Return the error an injected failure with ``status`` answers with."""
     if status == 429:
         return throttled(retry_after)
+    if status == 409:  # what profile-import answers when the identifiers sent belong to two profiles
+        return _duplicate_profile("01INJECTEDDUPLICATEPR0F1LE")
     code, title = _FAULT_CODES.get(status, ("error", "Injected failure."))
     return ApiError(status, code, title, f"Simulated failure (HTTP {status}).")
 
@@ -558,6 +560,8 @@ class Account:
     events: list[RecordedEvent] = field(default_factory=list)
     received_event_requests: int = 0
     duplicate_events: int = 0
+    # unique_id -> raw bodies of every valid POST /api/events carrying it, in arrival order (retries included)
+    event_bodies: dict[str, list[bytes]] = field(default_factory=dict, repr=False)
     import_jobs: dict[str, ImportJob] = field(default_factory=dict)
     event_jobs: list[EventBulkJob] = field(default_factory=list)
     counters: Counters = field(default_factory=Counters)
@@ -578,6 +582,12 @@ class Account:
     def events_for(self, metric: str) -> list[RecordedEvent]:
         """Return the recorded events of one metric, oldest first."""
         return [event for event in self.events if event.metric == metric]
+
+    def keep_event_body(self, body: Any, raw: bytes) -> None:
+        """Keep the raw bytes of a create-event request under its unique_id, so retries can be compared."""
+        unique_id = body["data"]["attributes"].get("unique_id")
+        if isinstance(unique_id, str):
+            self.event_bodies.setdefault(unique_id, []).append(raw)
 
     # -- profiles
 
@@ -1062,6 +1072,7 @@ class _Countdown:
 class _Failure(_Countdown):
     status: int = 503
     retry_after: int = 1
+    account: str | None = None  # label of the only account it applies to; None: any request
 
 
 @dataclass
@@ -1123,9 +1134,10 @@ class Faults:
         self.profile_rules: list[ProfileScreen] = []
         self.fired: Counter[str] = Counter()
 
-    def take_failure(self, path: str) -> _Failure | None:
-        """Return the failure to answer this request with, if one is pending."""
-        failure = next((rule for rule in self.failures if rule.take(path)), None)
+    def take_failure(self, path: str, account: str | None = None) -> _Failure | None:
+        """Return the failure to answer this request (of ``account``, by label) with, if one is pending."""
+        applies = (rule for rule in self.failures if rule.account in (None, account))
+        failure = next((rule for rule in applies if rule.take(path)), None)
         if failure is not None:
             self.fired[f"status_{failure.status}"] += 1
         return failure
@@ -1180,6 +1192,7 @@ class _FailNextIn(BaseModel):
     status: int = 503
     path_prefix: str | None = None
     retry_after: int = 1
+    account: str | None = None
 
 
 class _DelayIn(BaseModel):
@@ -1298,10 +1311,16 @@ class FakeKlaviyo:
     # -- faults
 
     def fail_next(
-        self, n: int = 1, status: int = 503, path_prefix: str | None = None, retry_after: int = 1
+        self,
+        n: int = 1,
+        status: int = 503,
+        path_prefix: str | None = None,
+        retry_after: int = 1,
+        account: str | None = None,
     ) -> None:
-        """Answer the next ``n`` matching API requests with ``status`` before looking at them."""
-        self.faults.failures.append(_Failure(n, path_prefix, status, retry_after))
+        """Answer the next ``n`` matching API requests (of the account labelled ``account``, if given) with
+        ``status`` before looking at them."""
+        self.faults.failures.append(_Failure(n, path_prefix, status, retry_after, account))
 
     def delay(self, seconds: float, path_prefix: str | None = None) -> None:
         """Stall every matching API request by ``seconds`` (0 turns the delay off)."""
@@ -1419,8 +1438,14 @@ class FakeKlaviyo:
             await asyncio.sleep(pause)
         if self.faults.take_reset(request.path, after_processing=False):
             return _abort(request)
-        failure = self.faults.take_failure(request.path)
+        failure = self.faults.take_failure(request.path, self._label_of(request))
         return None if failure is None else injected_error(failure.status, failure.retry_after).response()
+
+    def _label_of(self, request: web.Request) -> str | None:
+        """Return the label of the account whose key the request carries, if it is one we know."""
+        match = _AUTH.match(request.headers.get("Authorization", "").strip())
+        account = self._accounts.get(match.group(1)) if match else None
+        return None if account is None else account.label
 
     def _authenticate(self, request: web.Request, op: Operation) -> Account:
         """Return the account of the request's private key, or raise 401/403."""
@@ -1447,6 +1472,8 @@ class FakeKlaviyo:
         try:
             check_revision(request.headers.get("revision"), datetime.fromtimestamp(now, UTC).date())
             body = await self._read_body(op, request)
+            if op.op_id == "create_event":
+                account.keep_event_body(body, await request.read())
             return impl(Call(request, account, body, now))
         except ApiError as exc:
             if exc.recorded:

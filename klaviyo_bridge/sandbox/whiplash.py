@@ -10,7 +10,9 @@ Invariants:
 - ``updated_at`` moves only when a write asks for it: status changes bump it unless the fake's bump mode
   is off or the caller passes ``bump_updated_at=False`` (a carrier-driven change Whiplash may not record).
 - Refresh tokens rotate like Doorkeeper's: a refresh grant revokes the presented refresh token and the
-  access token issued with it, so only the newest refresh token works.
+  access token issued with it, so only the newest refresh token works. With ``refresh_revoked_on_use``
+  (Doorkeeper's ``refresh_token_revoked_on_use``) the presented row is revoked only when the access token
+  issued in exchange is first used, so a client that died before storing the new tokens can refresh again.
 - Injected faults are one-shot and taken first-in-first-out by the next request whose path matches.
 - The ``/__sim/`` control API needs no token, is never faulted and is not counted.
 - Secrets never appear in logs or in ``/__sim/state``; only short fingerprints do.
@@ -47,6 +49,8 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from klaviyo_bridge.sandbox._server import serve_app
 
 log = logging.getLogger(__name__)
 
@@ -556,6 +560,7 @@ class _Grant:
     scope: str
     expires_at: float
     revoked: bool = False
+    previous: _Grant | None = None  # revoked on first use of this access token (refresh_revoked_on_use)
 
 
 def fingerprint(secret: str | None) -> str | None:
@@ -569,8 +574,10 @@ class SimOAuth:
     def __init__(
         self, client_id: str, client_secret: str, *, refresh_token: str | None, token_ttl: int, scope: str,
         wall: Callable[[], float], counts: Counter[str], invalid_grant_status: int,
+        revoked_on_use: bool = False,
     ) -> None:
         self._client = (client_id, client_secret)
+        self._revoked_on_use = revoked_on_use
         self._ttl = token_ttl
         self._scope = scope
         self._wall = wall
@@ -606,6 +613,8 @@ class SimOAuth:
             return "The access token is invalid"
         if self._wall() >= grant.expires_at:
             return "The access token expired"
+        if grant.previous is not None:
+            grant.previous.revoked, grant.previous = True, None
         return None
 
     def expire_access_tokens(self) -> None:
@@ -622,15 +631,16 @@ class SimOAuth:
         if grant is None or grant.revoked:
             log.info("sim token refresh refused fingerprint=%s", fingerprint(presented))
             raise _OAuthError(self._invalid_grant_status, "invalid_grant")
-        grant.revoked = True
+        grant.revoked = not self._revoked_on_use
         self.rotations += 1
-        return self._issue(params.get("scope") or grant.scope, with_refresh=True)
+        return self._issue(params.get("scope") or grant.scope, with_refresh=True,
+                           previous=grant if self._revoked_on_use else None)
 
-    def _issue(self, scope: str, *, with_refresh: bool) -> JSONDict:
+    def _issue(self, scope: str, *, with_refresh: bool, previous: _Grant | None = None) -> JSONDict:
         """Create a token row and return the token response body."""
         created = self._wall()
         refresh = secrets.token_urlsafe(32) if with_refresh else None
-        grant = _Grant(secrets.token_urlsafe(32), refresh, scope, created + self._ttl)
+        grant = _Grant(secrets.token_urlsafe(32), refresh, scope, created + self._ttl, previous=previous)
         self._store(grant)
         body: JSONDict = {"access_token": grant.access_token, "token_type": "bearer", "expires_in": self._ttl,
                           "scope": scope, "created_at": int(created)}
@@ -809,11 +819,12 @@ class FakeWhiplash:
         token_ttl: int = 7200, scope: str = "user_read", clock: Clock = utc_now,
         wall: Callable[[], float] = time.time, seed: int = 0, max_per_page: int = MAX_PER_PAGE,
         order_level_tracking: bool = True, invalid_grant_status: int = 401, first_order_id: int = 7_000_001,
+        refresh_revoked_on_use: bool = False,
     ) -> None:
         self.counters = SimCounters()
         self.oauth = SimOAuth(client_id, client_secret, refresh_token=refresh_token, token_ttl=token_ttl,
                               scope=scope, wall=wall, counts=self.counters.token_requests,
-                              invalid_grant_status=invalid_grant_status)
+                              invalid_grant_status=invalid_grant_status, revoked_on_use=refresh_revoked_on_use)
         self.bump_on_status_change = True
         self.max_per_page = max_per_page
         self.order_level_tracking = order_level_tracking
@@ -827,6 +838,7 @@ class FakeWhiplash:
         self._humanize: Counter[int] = Counter()
         self._faults: deque[Fault] = deque()
         self._delay_s = 0.0
+        self._garbled: dict[int, tuple[JSONDict, frozenset[str]]] = {}
         self.scripts: dict[int, OrderScript] = {}
 
     # -- state API ------------------------------------------------------------------------------
@@ -911,7 +923,25 @@ class FakeWhiplash:
 
     def order_json(self, order_id: int) -> JSONDict:
         """Return one order as the API renders it."""
-        return render_order(self._get(order_id))
+        return self.render(self._get(order_id))
+
+    def garble(self, order_id: int, *, drop: Iterable[str] = (), **fields: Any) -> None:
+        """Serve an order with raw JSON fields replaced or dropped (bad data Whiplash might send).
+
+        Searching and sorting still use the stored order; only what the API returns changes.
+        """
+        self._get(order_id)
+        self._garbled[order_id] = (dict(fields), frozenset(drop))
+
+    def ungarble(self, order_id: int) -> None:
+        """Serve an order as stored again."""
+        self._garbled.pop(order_id, None)
+
+    def render(self, order: SimOrder) -> JSONDict:
+        """Render an order as the API returns it, garbled if a test asked for that."""
+        body = render_order(order)
+        fields, drop = self._garbled.get(order.id, ({}, frozenset()))
+        return {k: v for k, v in {**body, **fields}.items() if k not in drop}
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -1139,7 +1169,7 @@ class FakeWhiplash:
         page, per_page = self._paging(request.query)
         chunk = rows[(page - 1) * per_page: page * per_page]
         wanted = _fields_param(request.query.get("fields"))
-        body = [_sparse(render_order(order), wanted) for order in chunk]
+        body = [_sparse(self.render(order), wanted) for order in chunk]
         self.counters.pages_served += 1
         headers = _paging_headers(request, len(rows), page, per_page)
         return web.json_response(body, headers=headers, dumps=_dumps)
@@ -1154,7 +1184,7 @@ class FakeWhiplash:
         order = self._orders.get(int(request.match_info["order_id"]))
         if order is None or not self._is_visible(order, scope):
             raise _ApiError(404, {"error": "record could not be found"})
-        return web.json_response(render_order(order), dumps=_dumps)
+        return web.json_response(self.render(order), dumps=_dumps)
 
     def _query(self, request: web.Request) -> list[SimOrder]:
         """Return the visible orders matching ``search``, sorted by ``sort``."""
@@ -1716,16 +1746,8 @@ async def serve_whiplash(
     fake: FakeWhiplash, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = False,
 ) -> AsyncIterator[str]:
     """Serve ``fake`` on ``host:port`` (0 = a free port) and yield its base URL, e.g. "http://127.0.0.1:54321"."""
-    runner = web.AppRunner(fake.make_app(), shutdown_timeout=1.0,
-                           access_log=logging.getLogger("aiohttp.access") if access_log else None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        yield f"http://{bound_host}:{bound_port}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(fake.make_app(), host, port, access_log=access_log) as url:
+        yield url
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -1,14 +1,27 @@
-"""Helpers for tests that run the real ``klaviyo-bridge`` process against the simulators."""
+"""Helpers for tests that run the real ``klaviyo-bridge`` process against the simulators.
+
+``Harness.run`` runs a command to completion; ``Harness.running`` starts a long-running ``run`` whose log is
+collected line by line, so a test can wait for a line, signal the process and time its exit. ``eventually``
+waits for a condition on the simulators' state with a deadline instead of sleeping a fixed time.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
+import signal
 import sys
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config.example.toml"
@@ -33,6 +46,16 @@ class Customer:
         """Return the environment variable holding this customer's Klaviyo key."""
         return f"KLAVIYO_KEY_{self.cid}"
 
+    @property
+    def launch_at(self) -> datetime:
+        """Return 00:00 UTC of the launch date: changes before it are backfill."""
+        return datetime.combine(self.launch, datetime.min.time(), UTC)
+
+    @property
+    def window_start(self) -> datetime:
+        """Return the oldest change the bridge reads: launch − backfill_days."""
+        return self.launch_at - timedelta(days=self.backfill_days)
+
 
 @dataclass
 class BridgeRun:
@@ -52,6 +75,7 @@ class Harness:
     klaviyo_url: str
     customers: list[Customer]
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -89,7 +113,7 @@ class Harness:
         env["PYTHONUNBUFFERED"] = "1"
         for c in self.customers:
             env[c.env_name] = c.key
-        return env
+        return {**env, **self.extra_env}
 
     async def run(self, *args: str, limit_s: float = 60) -> BridgeRun:
         """Run ``python -m klaviyo_bridge <args> --config <path>`` to completion."""
@@ -101,6 +125,97 @@ class Harness:
         out, err = await asyncio.wait_for(proc.communicate(), limit_s)
         assert proc.returncode is not None
         return BridgeRun(proc.returncode, out.decode(), err.decode())
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Return ``klaviyo-bridge status --json`` rows (safe while a daemon runs)."""
+        result = await self.run("status", "--json")
+        assert result.returncode in (0, 2), result.stderr  # 2: some poll is older than 3 intervals
+        rows: list[dict[str, Any]] = json.loads(result.stdout)
+        return rows
+
+    async def status_of(self, cid: int) -> dict[str, Any]:
+        """Return one customer's status row."""
+        return next(r for r in await self.status() if r["customer_id"] == cid)
+
+    @contextlib.asynccontextmanager
+    async def running(self, *args: str) -> AsyncIterator[RunningBridge]:
+        """Start ``run`` (long-running unless told otherwise); kill it on the way out if a test left it up."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "klaviyo_bridge", "run", *args, "--config", str(self.config_path),
+            env=self.env(), cwd=str(self.tmp),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        bridge = RunningBridge(proc)
+        try:
+            yield bridge
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await bridge.closed()
+
+
+class RunningBridge:
+    """A long-running bridge process whose log lines are collected as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._new_line = asyncio.Event()
+        assert proc.stdout is not None
+        self._reader = asyncio.create_task(self._read(proc.stdout))
+
+    @property
+    def log(self) -> str:
+        """Return everything the process logged so far."""
+        return "\n".join(self.lines)
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        """Collect lines until the process closes its output."""
+        async for raw in stream:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+            self._new_line.set()
+        self._new_line.set()
+
+    async def wait_for_line(self, pattern: str, limit_s: float = 15.0) -> str:
+        """Return the first log line matching ``pattern`` (a regex), waiting up to ``limit_s`` seconds."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + limit_s
+        while True:
+            match = next((line for line in self.lines if regex.search(line)), None)
+            if match is not None:
+                return match
+            left = deadline - time.monotonic()
+            assert left > 0, f"no log line matching {pattern!r} within {limit_s}s; log:\n{self.log}"
+            assert not self._reader.done(), f"bridge exited before logging {pattern!r}; log:\n{self.log}"
+            self._new_line.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_line.wait(), left)
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM, limit_s: float = 15.0) -> tuple[int, float]:
+        """Send ``sig`` and return (exit code, seconds until the process exited)."""
+        assert self.proc.returncode is None, f"bridge already exited rc={self.proc.returncode}; log:\n{self.log}"
+        sent = time.monotonic()
+        self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), limit_s)
+        elapsed = time.monotonic() - sent
+        await self.closed()
+        return code, elapsed
+
+    async def closed(self) -> None:
+        """Wait until every log line has been read."""
+        await asyncio.wait_for(self._reader, 5.0)
+
+
+async def eventually(check: Callable[[], T], *, limit_s: float = 15.0, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy, failing with ``what`` after ``limit_s`` seconds."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {limit_s}s waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 def toml_str(value: str) -> str:
