@@ -5,7 +5,9 @@ No I/O and no clock reads: ``now`` is an argument. Invariants kept here:
 - only statuses the bridge observes produce events, and never a milestone older than one already announced;
 - a fallback name (company) never overwrites a real name already sent for that email;
 - a change older than the launch day or ``stale_after`` goes out with ``backfill`` so no flow fires late;
-- payloads are deterministic: equal inputs (including ``now``) give equal dicts.
+- payloads are deterministic: equal inputs (including ``now``) give equal dicts;
+- free text from orders is bounded (names, item names, item count), so an absurd order cannot make a payload
+  Klaviyo refuses for its size: it is clipped, never dead-lettered.
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ EVENT_RANKS: Mapping[EventKind, int] = {
     EventKind.DELIVERED: 3,
 }
 
+# Klaviyo documents no name length but refuses a profile over 100 KB and property strings over 100 KB, and
+# arrays over 4000 items; real names and product titles are far shorter, so clipping only ever hits garbage.
+MAX_NAME_CHARS = 255
+MAX_TEXT_CHARS = 1000
+MAX_ITEMS = 1000
+
 # Klaviyo rejects event times before 2000 (older revisions); a garbage date must not block the outbox.
 _EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 _CENT = Decimal("0.01")
@@ -101,13 +109,18 @@ class ProfileChange:
     name: ProfileName
 
     def attributes(self) -> dict[str, Any]:
-        """Return Klaviyo profile attributes; unknown fields are omitted, never sent as null."""
+        """Return Klaviyo profile attributes: unknown fields omitted, except a real name's missing part.
+
+        Klaviyo keeps what an upsert omits and clears what it sends as null. A real name is the whole
+        name, so its missing last name is sent as null: "Bob" after "Ann Lee" must not become "Bob Lee".
+        """
         fields = {
             "first_name": self.name.first_name,
             "last_name": self.name.last_name,
             "organization": self.name.organization,
         }
-        return {"email": self.email, **{k: v for k, v in fields.items() if v is not None}}
+        keep_null = {"first_name", "last_name"} if self.name.source == "real" else set()
+        return {"email": self.email, **{k: v for k, v in fields.items() if v is not None or k in keep_null}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +156,7 @@ def profile_name(order: Order) -> ProfileName:
         return ProfileName(first, last, None, "real")
     words = (order.shipping_name or "").split()
     if words:
-        return ProfileName(words[0], " ".join(words[1:]) or None, None, "real")
+        return ProfileName(_clip(words[0]), _clip(" ".join(words[1:])) or None, None, "real")
     company = _clean(order.shipping_company)
     if company:
         return ProfileName(company, None, company, "company")
@@ -166,7 +179,15 @@ def setup_profile(email: str) -> ProfileChange:
 
 
 def _clean(text: str | None) -> str | None:
-    return (" ".join(text.split()) or None) if text else None
+    return (_clip(" ".join(text.split())) or None) if text else None
+
+
+def _clip(text: str, limit: int = MAX_NAME_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit].rstrip()
+
+
+def _clip_opt(text: str | None) -> str | None:
+    return None if text is None else _clip(text, MAX_TEXT_CHARS)
 
 
 # ---------------------------------------------------------------- planning
@@ -307,8 +328,8 @@ def order_properties(order: Order) -> dict[str, Any]:
         "ShopOrderId": order.shop_order_id,
         "Status": order.status_name or STATUS_NAMES.get(order.status),
         "StatusCode": order.status,
-        "ItemNames": [item.name for item in order.items if item.name],
-        "Items": [_item_properties(item) for item in order.items],
+        "ItemNames": [_clip(item.name, MAX_TEXT_CHARS) for item in order.items[:MAX_ITEMS] if item.name],
+        "Items": [_item_properties(item) for item in order.items[:MAX_ITEMS]],
         "TrackingNumbers": _unique([*order.tracking, *(p.tracking for p in order.packages)]),
         "TrackingURLs": _unique([*order.tracking_links, *(p.tracking_link for p in order.packages)]),
         "Carrier": order.carrier,
@@ -322,8 +343,8 @@ def order_properties(order: Order) -> dict[str, Any]:
 def _item_properties(item: OrderItem) -> dict[str, Any]:
     row = _row_total(item)
     props = {
-        "SKU": item.sku,
-        "ProductName": item.name,
+        "SKU": _clip_opt(item.sku),
+        "ProductName": _clip_opt(item.name),
         "Quantity": item.quantity,
         "ItemPrice": None if item.price is None else float(item.price),
         "RowTotal": _optional(_money, row),

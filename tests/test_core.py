@@ -208,7 +208,8 @@ def test_should_send_name(new: ProfileName, sent: ProfileName | None, expected: 
             real("Ann", "Lee"), {"email": "a@x.io", "first_name": "Ann", "last_name": "Lee"}, id="real"
         ),
         pytest.param(
-            real("Cher", None), {"email": "a@x.io", "first_name": "Cher"}, id="no-last-name-omitted"
+            real("Cher", None), {"email": "a@x.io", "first_name": "Cher", "last_name": None},
+            id="real-name-clears-a-stale-last-name",
         ),
         pytest.param(
             company("Acme"), {"email": "a@x.io", "first_name": "Acme", "organization": "Acme"}, id="company"
@@ -216,7 +217,7 @@ def test_should_send_name(new: ProfileName, sent: ProfileName | None, expected: 
         pytest.param(NONE, {"email": "a@x.io"}, id="none-never-null"),
     ],
 )
-def test_profile_attributes_omit_unknown_fields(name: ProfileName, expected: dict[str, Any]) -> None:
+def test_profile_attributes_omit_unknown_fields_but_send_whole_real_names(name: ProfileName, expected: dict[str, Any]) -> None:
     assert ProfileChange("a@x.io", name).attributes() == expected
 
 

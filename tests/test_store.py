@@ -242,7 +242,7 @@ async def test_commit_page_writes_memory_names_rows_malformed_and_cursor(store: 
         ("profile", "shop@example.com"),
         ("event", "1:processing"),
     ]
-    assert rows[0].payload == '{"email":"ann@example.com","first_name":"Ann"}'
+    assert rows[0].payload == '{"email":"ann@example.com","first_name":"Ann","last_name":null}'
     assert rows[1].payload == '{"email":"shop@example.com","organization":"Shop Ltd"}'
     assert rows[2].payload.startswith('{"backfill":false,"email":"ann@example.com",')
     assert (await store.customer_state(CID)).cursor == (NOW, 2)
@@ -383,7 +383,7 @@ async def test_replaced_profile_refuses_stale_mark_sent_and_stays_pending(store:
     await store.mark_dead(in_flight, NOW, 400, "refused the old payload")  # stale version: no effect
     fresh = await only_row(store)
     assert (fresh.id, fresh.version) == (in_flight.id, in_flight.version + 1)
-    assert fresh.payload == '{"email":"a@x.io","first_name":"Ann"}'
+    assert fresh.payload == '{"email":"a@x.io","first_name":"Ann","last_name":null}'
     assert await store.mark_sent(fresh, NOW)
     assert await store.due_rows(CID, NOW, 10) == []
 
@@ -400,7 +400,7 @@ async def test_last_change_of_an_email_in_a_page_wins(store: Store) -> None:
     assert await store.commit_page(CID, page, None, [], NOW) == 2
     rows = await store.due_rows(CID, NOW, 10)
     assert [(r.key, r.version) for r in rows] == [("a@x.io", 1), ("b@x.io", 1)]
-    assert rows[0].payload == '{"email":"a@x.io","first_name":"Ann"}'
+    assert rows[0].payload == '{"email":"a@x.io","first_name":"Ann","last_name":null}'
     assert (await store.load_names(CID, ["a@x.io"]))["a@x.io"].first_name == "Ann"
 
 
@@ -413,7 +413,7 @@ async def test_sent_or_dead_profile_is_queued_again_on_change(store: Store) -> N
     assert await store.commit_page(CID, plan(profiles=[change("a@x.io", "Anna")]), None, [], NOW) == 1
     again = await only_row(store)
     assert (again.version, again.attempts) == (row.version + 1, 0)
-    assert again.payload == '{"email":"a@x.io","first_name":"Anna"}'
+    assert again.payload == '{"email":"a@x.io","first_name":"Anna","last_name":null}'
 
 
 async def test_mark_sent_records_profile_id_and_list_membership(store: Store) -> None:

@@ -104,7 +104,10 @@ async def test_names_real_overrides_fallback_never_overrides_real(world: World) 
     at = w.now - timedelta(hours=1)
     order("xena@example.com", shipping_company="Other Corp")
     order("yuri@example.com", shipping_name="Yuri Alekseyevich Gagarin")
-    assert await run_once(w, acct) == 1
+    order("zoe@example.com", shipping_name="Zoë")
+    assert await run_once(w, acct) == 2
+    # A real name is the whole name: a missing last name clears the old one instead of keeping it.
+    assert profile(acct, "zoe@example.com") == ("Zoë", None, None)
     assert profile(acct, "xena@example.com") == ("Xena", "Warrior", "Xena Corp")
     assert profile(acct, "yuri@example.com") == ("Yuri", "Alekseyevich Gagarin", None)
     assert {p.email for p in acct.profiles.values()} == {
