@@ -1,9 +1,28 @@
 """Drain one customer's outbox into its Klaviyo account.
 
-A row is marked sent only after Klaviyo answered 2xx for it. Outcomes other than success never lose a
-row: transient failures reschedule it with capped exponential backoff, a refused row becomes a dead
-letter holding Klaviyo's response, and a refused key (401/403) pauses the whole customer, keeping its
-rows queued until a later probe succeeds. One customer's failures never touch another's rows.
+A row is marked sent only after Klaviyo accepted (2xx) the request that carried it. Outcomes other than
+success never lose a row: transient failures reschedule it with capped exponential backoff, a refused row
+becomes a dead letter holding Klaviyo's response, and a refused key (401/403) pauses the whole customer,
+keeping its rows queued until a later probe succeeds. One customer's failures never touch another's rows.
+
+Routing (throughput):
+- Events: backfill events (payload ``"backfill": true``) and every event of a due queue of at least
+  ``bulk_events_min`` go through ``event-bulk-create-jobs`` (up to 1,000 events, well under 5 MB, never one
+  unique_id twice per request); live events of a short queue use ``POST /api/events``, the lowest latency.
+- Profiles: a due queue of at least ``bulk_profiles_min`` profiles, once the customer's list is known, goes
+  through profile import jobs that also add every profile to that list; rows a job reports as failed are
+  dead-lettered with Klaviyo's import error, the others are marked sent and on the list. Fewer profiles
+  use ``POST /api/profile-import`` and the list-add flush.
+- A bulk request Klaviyo refuses (4xx but 401/403) is bisected, so one bad row does not sink its batch; a
+  refused chunk of at most ``BISECT_LEAF`` rows goes row by row through the single endpoints, and only the
+  bad row is dead-lettered, with Klaviyo's response to it. A transient failure reschedules every row of
+  the request.
+- Profiles go before live events: Klaviyo needs no profile before its events (an event upserts its profile by
+  email), but a live event may fire a flow at once, and the email it sends should greet the shopper by the
+  name the profile row carries. So live events wait until the profile lane has drained; backfill events
+  fire no flow and go out side by side with the profile lane (e.g. while an import job runs).
+- Within a lane, rows are fetched again only after every request for the previous fetch has ended, so a
+  row is never in two requests at once.
 """
 
 from __future__ import annotations
@@ -11,12 +30,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
-from .errors import AuthFailed, PermanentUpstream, TransientUpstream
-from .klaviyo import KlaviyoClient
+from . import failpoints
+from .errors import AuthFailed, MalformedPayload, PermanentUpstream, TransientUpstream
+from .klaviyo import (
+    EVENT_WRAPPER_BYTES,
+    MAX_BULK_EVENTS,
+    MAX_BULK_PROFILES,
+    PROFILE_WRAPPER_BYTES,
+    ImportFailure,
+    ImportOutcome,
+    KlaviyoClient,
+    plan_chunks,
+)
 from .store import OutboxRow, Store
 
 log = logging.getLogger(__name__)
@@ -24,6 +54,15 @@ log = logging.getLogger(__name__)
 RETRY_BASE = timedelta(seconds=30)
 RETRY_CAP = timedelta(hours=1)
 LIST_ADD_BATCH = 1000
+BULK_EVENTS_MIN = 100  # a due event queue this long goes bulk whole: ~1 bulk request instead of 100+ singles
+# Klaviyo advises against import jobs for a handful of profiles; below this the synchronous upsert is used.
+BULK_PROFILES_MIN = 100
+EVENT_FETCH = 5000  # due event rows read per round (5 bulk requests in flight at most)
+PROFILE_FETCH = 2 * MAX_BULK_PROFILES  # due profile rows read per round (2 import jobs in flight at most)
+BISECT_LEAF = 8  # a refused bulk chunk this small is sent row by row through the single endpoint
+
+Parsed = tuple[OutboxRow, dict[str, Any]]
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -55,8 +94,35 @@ def order_of(row: OutboxRow) -> str:
     return "-"
 
 
+def is_backfill(payload: dict[str, Any]) -> bool:
+    """Tell whether a stored event payload is history (recorded with ``backfill``, firing no flow)."""
+    return payload.get("backfill") is True
+
+
+async def together(*coros: Awaitable[T]) -> list[T]:
+    """Await coroutines concurrently; if one fails, cancel and wait out the rest before raising its error.
+
+    Plain ``asyncio.gather`` would leave the siblings running after the first failure (e.g. a disk-full mark),
+    sending rows while the caller already retries them: a row could then be in two requests at once.
+    """
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def halves(items: Sequence[Parsed]) -> tuple[Sequence[Parsed], Sequence[Parsed]]:
+    """Split a refused chunk in two for bisection."""
+    middle = len(items) // 2
+    return items[:middle], items[middle:]
+
+
 class Deliverer:
-    """Sends due outbox rows of one customer, a bounded number at a time."""
+    """Sends due outbox rows of one customer: bulk for backfills and long queues, single requests otherwise."""
 
     def __init__(
         self,
@@ -67,6 +133,10 @@ class Deliverer:
         clock: Callable[[], datetime],
         concurrency: int = 16,
         batch: int = 200,
+        bulk_events_min: int = BULK_EVENTS_MIN,
+        bulk_profiles_min: int = BULK_PROFILES_MIN,
+        event_fetch: int = EVENT_FETCH,
+        profile_fetch: int = PROFILE_FETCH,
     ) -> None:
         self.customer_id = customer_id
         self.store = store
@@ -74,20 +144,181 @@ class Deliverer:
         self.clock = clock
         self.concurrency = concurrency
         self.batch = batch
+        self.bulk_events_min = bulk_events_min
+        self.bulk_profiles_min = bulk_profiles_min
+        self.event_fetch = event_fetch
+        self.profile_fetch = profile_fetch
         self.stats = DeliveryStats()
         self.key_refused = False
 
     async def deliver_due(self) -> int:
-        """Send every row due now, batch by batch; return how many rows were attempted."""
+        """Send every row due now (live events after the profiles); return how many rows were attempted."""
+        # One cheap query decides the common idle case (a thousand idle customers each look once a minute).
+        if self.key_refused or not await self.store.due_rows(self.customer_id, self.clock(), 1):
+            return 0
+        profiles_done = asyncio.Event()
+        profiles, events = await together(self._drain_profiles(profiles_done), self._drain_events(profiles_done))
+        return profiles + events
+
+    async def _drain_profiles(self, done: asyncio.Event) -> int:
+        """Send due profile rows round by round, joining the list after each round; then set ``done``."""
+        attempted = 0
+        try:
+            while not self.key_refused:
+                rows = await self.store.due_rows(self.customer_id, self.clock(), self.profile_fetch, "profile")
+                if not rows:
+                    break
+                await self.send_profiles(rows)
+                attempted += len(rows)
+                await self.flush_list_members()
+        finally:
+            done.set()
+        return attempted
+
+    async def _drain_events(self, profiles_done: asyncio.Event) -> int:
+        """Send due event rows round by round (live ones once ``profiles_done`` is set)."""
         attempted = 0
         while not self.key_refused:
-            rows = await self.store.due_rows(self.customer_id, self.clock(), self.batch)
+            rows = await self.store.due_rows(self.customer_id, self.clock(), self.event_fetch, "event")
             if not rows:
                 break
-            await self.send_rows(rows)
+            await self.send_events(rows, profiles_done)
             attempted += len(rows)
-            await self.flush_list_members()
         return attempted
+
+    # -- routing -------------------------------------------------------------------------------------------
+
+    async def send_profiles(self, rows: list[OutboxRow]) -> None:
+        """Import profiles by job when there are many and the list is known, else one by one."""
+        list_id = (await self.store.customer_state(self.customer_id)).list_id
+        if list_id is None or len(rows) < self.bulk_profiles_min:
+            # Without the list id a job could not add the profiles to it; single upserts record ids instead.
+            await self.send_singles(rows)
+            return
+        sizes = [len(row.payload.encode()) + PROFILE_WRAPPER_BYTES for row in rows]
+        chunks = plan_chunks(sizes, None, max_items=MAX_BULK_PROFILES)
+        parsed = [(row, json.loads(row.payload)) for row in rows]
+        await together(*(self._import([parsed[i] for i in chunk], list_id) for chunk in chunks))
+
+    async def send_events(self, rows: list[OutboxRow], profiles_done: asyncio.Event | None = None) -> None:
+        """Send backfill events and long queues in bulk, live events of a short queue one by one.
+
+        Backfill events go at once; live events wait for ``profiles_done`` (their names must be in first).
+        """
+        parsed = [(row, json.loads(row.payload)) for row in rows]
+        history = [item for item in parsed if is_backfill(item[1])]
+        live = [item for item in parsed if not is_backfill(item[1])]
+        bulk = len(rows) >= self.bulk_events_min
+        await together(self.send_event_chunks(history), self._send_live(live, bulk, profiles_done))
+
+    async def _send_live(self, live: Sequence[Parsed], bulk: bool, profiles_done: asyncio.Event | None) -> None:
+        """Send live events once the profile lane is done: in bulk for a long queue, else one by one."""
+        if not live:
+            return
+        if profiles_done is not None:
+            await profiles_done.wait()
+        if bulk:
+            await self.send_event_chunks(live)
+        else:
+            await self.send_singles([row for row, _ in live])
+
+    async def send_event_chunks(self, items: Sequence[Parsed]) -> None:
+        """Send events in bulk requests within Klaviyo's count, size and unique_id rules."""
+        sizes = [len(row.payload.encode()) + EVENT_WRAPPER_BYTES for row, _ in items]
+        keys = [(payload.get("email"), payload.get("metric"), row.key) for row, payload in items]
+        chunks = plan_chunks(sizes, keys, max_items=MAX_BULK_EVENTS)
+        await together(*(self._bulk_events([items[i] for i in chunk]) for chunk in chunks))
+
+    async def send_singles(self, rows: Sequence[OutboxRow]) -> None:
+        """Send rows through the single endpoints, ``batch`` at a time."""
+        for start in range(0, len(rows), self.batch):
+            if self.key_refused:
+                return
+            await self.send_rows(list(rows[start : start + self.batch]))
+
+    # -- bulk events ---------------------------------------------------------------------------------------
+
+    async def _bulk_events(self, items: Sequence[Parsed]) -> None:
+        """Send one bulk event request and record the outcome for all its rows."""
+        if self.key_refused:
+            return
+        rows = [row for row, _ in items]
+        failpoints.hit("mid_batch")
+        try:
+            await self.klaviyo.create_events_bulk([payload for _, payload in items])
+        except AuthFailed as exc:
+            await self.on_key_refused(exc)
+        except PermanentUpstream as exc:
+            await self._bisect(items, exc, self._bulk_events)
+        except TransientUpstream as exc:
+            await self.on_transient_many(rows, exc)
+        else:
+            await self.on_sent_many(rows)
+
+    async def _bisect(
+        self,
+        items: Sequence[Parsed],
+        exc: PermanentUpstream,
+        again: Callable[[Sequence[Parsed]], Awaitable[None]],
+    ) -> None:
+        """Isolate the row Klaviyo refused: halve the request, or send a small one row by row."""
+        kind = items[0][0].kind
+        log.warning(
+            "klaviyo refused bulk request customer=%s kind=%s rows=%d status=%s detail=%s action=%s",
+            self.customer_id, kind, len(items), exc.status, exc.detail,
+            "splitting" if len(items) > BISECT_LEAF else "sending row by row",
+        )
+        if len(items) <= BISECT_LEAF:
+            await self.send_rows([row for row, _ in items])
+            return
+        first, second = halves(items)
+        await together(again(first), again(second))
+
+    # -- bulk profiles -------------------------------------------------------------------------------------
+
+    async def _import(self, items: Sequence[Parsed], list_id: str) -> None:
+        """Run one profile import job (which also adds the profiles to the list) and account for it."""
+        if self.key_refused:
+            return
+        rows = [row for row, _ in items]
+        try:
+            outcome = await self.klaviyo.import_profiles([payload for _, payload in items], list_id)
+        except AuthFailed as exc:
+            await self.on_key_refused(exc)
+        except PermanentUpstream as exc:
+            await self._bisect(items, exc, lambda part: self._import(part, list_id))
+        except (TransientUpstream, MalformedPayload) as exc:
+            # The job may have run in part or not at all; importing again is a harmless upsert.
+            await self.on_transient_many(rows, exc)
+        else:
+            await self._account_import(rows, outcome)
+
+    async def _account_import(self, rows: Sequence[OutboxRow], outcome: ImportOutcome) -> None:
+        """Dead-letter the profiles the job failed; record the others as sent and on the list."""
+        failed = outcome.failed_indexes()
+        for index, failure in failed.items():
+            await self.on_import_failed(rows[index], failure)
+        imported = [row for index, row in enumerate(rows) if index not in failed]
+        # Membership first: were we to stop between the two, re-importing is harmless, a lost member is not.
+        await self.store.mark_listed_by_import(self.customer_id, [row.key for row in imported])
+        await self.on_sent_many(imported)
+        for failure in outcome.unmapped():
+            log.warning(
+                "klaviyo import error not tied to a profile sent customer=%s job=%s email=%s detail=%s",
+                self.customer_id, outcome.job.id, failure.email, failure.detail,
+            )
+
+    async def on_import_failed(self, row: OutboxRow, failure: ImportFailure) -> None:
+        """Dead-letter a profile its import job could not import, with Klaviyo's import error."""
+        await self.store.mark_dead(row, self.clock(), None, failure.raw)
+        self.stats.dead += 1
+        log.error(
+            "klaviyo import job refused profile customer=%s key=%s detail=%s action=%s",
+            self.customer_id, row.key, failure.detail,
+            "inspect with `klaviyo-bridge dead-letters show`, fix the cause, then replay",
+        )
+
+    # -- single requests -----------------------------------------------------------------------------------
 
     async def send_rows(self, rows: list[OutboxRow]) -> None:
         """Send rows concurrently; profile rows first so their ids can join the list in this batch."""
@@ -96,12 +327,13 @@ class Deliverer:
         async def one(row: OutboxRow) -> None:
             async with gate:
                 if not self.key_refused:
+                    failpoints.hit("mid_batch")
                     await self.send_row(row)
 
         profiles = [r for r in rows if r.kind == "profile"]
         events = [r for r in rows if r.kind == "event"]
         for group in (profiles, events):
-            await asyncio.gather(*(one(r) for r in group))
+            await together(*(one(r) for r in group))
 
     async def send_row(self, row: OutboxRow) -> None:
         """Send one row and record the outcome."""
@@ -114,6 +346,7 @@ class Deliverer:
         except TransientUpstream as exc:
             await self.on_transient(row, exc)
         else:
+            failpoints.hit("after_send_before_mark")
             await self.store.mark_sent(row, self.clock(), profile_id)
             self.stats.sent += 1
             await self.on_key_accepted()
@@ -141,6 +374,32 @@ class Deliverer:
                 log.warning("list add failed customer=%s profiles=%d error=%s", self.customer_id, len(ids), exc)
                 return
             await self.store.mark_on_list(self.customer_id, ids)
+
+    # -- outcomes ------------------------------------------------------------------------------------------
+
+    async def on_sent_many(self, rows: Sequence[OutboxRow]) -> None:
+        """Mark the rows of an accepted bulk request sent, in one transaction."""
+        if not rows:
+            return
+        failpoints.hit("after_send_before_mark")
+        await self.store.mark_sent_many(rows, self.clock())
+        self.stats.sent += len(rows)
+        await self.on_key_accepted()
+
+    async def on_transient_many(self, rows: Sequence[OutboxRow], exc: TransientUpstream | MalformedPayload) -> None:
+        """Reschedule every row of a bulk request that failed in a way that may pass."""
+        attempts = max(row.attempts for row in rows)
+        delay = retry_delay(attempts)
+        hint = exc.retry_after if isinstance(exc, TransientUpstream) else None
+        if hint is not None:
+            delay = max(delay, timedelta(seconds=hint))
+        now = self.clock()
+        await self.store.mark_retry_many(rows, now, now + delay, str(exc), exc.status)
+        self.stats.retried += len(rows)
+        log.warning(
+            "klaviyo bulk send will be retried customer=%s kind=%s rows=%d in_s=%d error=%s",
+            self.customer_id, rows[0].kind, len(rows), delay.total_seconds(), exc,
+        )
 
     async def on_key_refused(self, exc: AuthFailed) -> None:
         """Pause this customer: its key is refused, and every further send would be too."""

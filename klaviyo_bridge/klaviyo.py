@@ -9,6 +9,11 @@ Invariants:
   (429, 5xx, timeouts, connection errors) is retried, and it propagates once retries are exhausted so
   the caller can reschedule the outbox row.
 - The private API key exists only in the request headers: never in logs, reprs or exception messages.
+- Bulk requests (event-bulk-create-jobs, profile-bulk-import-jobs) are built within Klaviyo's limits by the
+  pure planners here (``plan_chunks``): at most 1,000 events / 10,000 profiles and well under 5 MB per request,
+  and never one (profile, metric, unique_id) twice in one event request, which would fail it whole.
+- A profile import job is only reported done once Klaviyo says it is ``complete``; its per-profile failures
+  are read from ``/import-errors`` and mapped back to the positions of the profiles sent.
 - The client never calls the Subscribe endpoints: list membership is not marketing consent, and
   subscribing would also lift suppressions (unsubscribe, spam report) the shopper may have set. The
   bridge only maintains the merchant's 'Whiplash' list and sends order events.
@@ -16,10 +21,11 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote
@@ -28,6 +34,7 @@ import aiohttp
 import backoff
 from backoff.types import Details
 from pydantic import SecretStr
+from yarl import URL
 
 from klaviyo_bridge.errors import (
     AuthFailed,
@@ -51,20 +58,89 @@ _MAX_WAIT_UNITS = 30.0
 _DETAIL_EXCERPT = 300
 _AVAILABLE_IN = re.compile(r"available in (\d+(?:\.\d+)?) seconds?", re.IGNORECASE)
 _OPTIONAL_EVENT_KEYS = ("time", "value", "value_currency", "unique_id", "backfill")
+MAX_BULK_EVENTS = 1000  # events per event-bulk-create-jobs request
+MAX_BULK_PROFILES = 10_000  # profiles per profile-bulk-import-jobs request
+MAX_BULK_BYTES = 5 * 1024 * 1024  # per bulk request, measured by Klaviyo after decompression
+# Chunks are planned from estimated sizes; this slack keeps the real body under MAX_BULK_BYTES.
+BULK_BYTE_BUDGET = int(MAX_BULK_BYTES * 0.9)
+EVENT_WRAPPER_BYTES = 256  # generous per-event JSON:API wrapping around a stored payload
+PROFILE_WRAPPER_BYTES = 64
+IMPORT_ERRORS_PAGE = 100  # page[size] maximum of /import-errors
+JOB_DONE = frozenset({"complete", "cancelled"})
+_ERROR_INDEX = re.compile(r"^/data/attributes/profiles/data/(\d+)(?:/|$)")
+
+Sleep = Callable[[float], Awaitable[None]]
 
 
 # --- pure body builders -------------------------------------------------------------------------------
 
 
-def event_body(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Build the create-event body from a stored outbox payload; absent or null optionals are omitted."""
+def _event_attributes(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Return an event's attributes without its profile; absent or null optionals are omitted."""
     attributes: dict[str, Any] = {"properties": payload["properties"]}
     for key in _OPTIONAL_EVENT_KEYS:
         if payload.get(key) is not None:
             attributes[key] = payload[key]
     attributes["metric"] = {"data": {"type": "metric", "attributes": {"name": payload["metric"]}}}
-    attributes["profile"] = {"data": {"type": "profile", "attributes": {"email": payload["email"]}}}
+    return attributes
+
+
+def _profile_ref(email: str) -> dict[str, Any]:
+    """Return the profile an event belongs to, identified by email only (names come from profile rows)."""
+    return {"data": {"type": "profile", "attributes": {"email": email}}}
+
+
+def event_body(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Build the create-event body from a stored outbox payload; absent or null optionals are omitted."""
+    attributes = _event_attributes(payload)
+    attributes["profile"] = _profile_ref(payload["email"])
     return {"data": {"type": "event", "attributes": attributes}}
+
+
+def bulk_events_body(payloads: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Build the bulk create-events body: events grouped per profile (email), groups in first-seen order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for payload in payloads:
+        groups.setdefault(payload["email"], []).append({"type": "event", "attributes": _event_attributes(payload)})
+    data = [
+        {"type": "event-bulk-create", "attributes": {"profile": _profile_ref(email), "events": {"data": events}}}
+        for email, events in groups.items()
+    ]
+    return {"data": {"type": "event-bulk-create-job", "attributes": {"events-bulk-create": {"data": data}}}}
+
+
+def profile_import_job_body(profiles: Sequence[Mapping[str, Any]], list_id: str | None) -> dict[str, Any]:
+    """Build the bulk profile import body; with ``list_id`` the job also adds every imported profile to it."""
+    rows = [{"type": "profile", "attributes": dict(attributes)} for attributes in profiles]
+    data: dict[str, Any] = {"type": "profile-bulk-import-job", "attributes": {"profiles": {"data": rows}}}
+    if list_id is not None:
+        data["relationships"] = {"lists": {"data": [{"type": "list", "id": list_id}]}}
+    return {"data": data}
+
+
+def plan_chunks(
+    sizes: Sequence[int], keys: Sequence[Hashable] | None, *, max_items: int, max_bytes: int = BULK_BYTE_BUDGET
+) -> list[list[int]]:
+    """Split items (by index, order kept) into chunks of at most ``max_items`` and ``max_bytes``.
+
+    Equal ``keys`` never share a chunk (a repeated unique_id fails a whole bulk event request). An item
+    larger than ``max_bytes`` gets a chunk of its own: Klaviyo's verdict on it is what dead-letters it.
+    """
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    seen: set[Hashable] = set()
+    for index, size in enumerate(sizes):
+        key = keys[index] if keys is not None else index
+        if current and (len(current) >= max_items or used + size > max_bytes or key in seen):
+            chunks.append(current)
+            current, used, seen = [], 0, set()
+        current.append(index)
+        used += size
+        seen.add(key)
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def profile_body(attributes: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,6 +234,115 @@ def _resource_id(status: int, resource: object) -> str:
     return rid
 
 
+# --- bulk profile import jobs: parsed replies ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImportJob:
+    """A profile bulk import job as Klaviyo reports it."""
+
+    id: str
+    status: str  # queued | processing | complete | cancelled
+    total: int
+    completed: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImportFailure:
+    """One profile a job could not import: where it was in the request, and Klaviyo's words."""
+
+    index: int | None  # position in the profiles sent, when it could be mapped back
+    email: str | None
+    detail: str  # "code: detail"
+    raw: str  # the import-error resource as JSON, for the dead letter
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOutcome:
+    """A finished profile import: the job and its failures (``index`` set when mapped to a profile sent)."""
+
+    job: ImportJob
+    failures: tuple[ImportFailure, ...]
+
+    def failed_indexes(self) -> dict[int, ImportFailure]:
+        """Return the mapped failures by position in the profiles sent."""
+        return {f.index: f for f in self.failures if f.index is not None}
+
+    def unmapped(self) -> list[ImportFailure]:
+        """Return failures that could not be tied to a profile sent."""
+        return [f for f in self.failures if f.index is None]
+
+
+def _count(attributes: Mapping[str, Any], key: str) -> int:
+    """Return a job counter, 0 when missing or not a number."""
+    value = attributes.get(key)
+    return value if isinstance(value, int) else 0
+
+
+def parse_import_job(status: int, text: str) -> ImportJob:
+    """Parse a profile-bulk-import-job document, or raise MalformedPayload."""
+    resource = _document(status, text).get("data")
+    job_id = _resource_id(status, resource)
+    attributes = cast(dict[str, Any], resource).get("attributes")
+    if not isinstance(attributes, dict) or not isinstance(attributes.get("status"), str):
+        raise MalformedPayload(SERVICE, status, f"import job without status: {text[:_DETAIL_EXCERPT]}")
+    return ImportJob(
+        id=job_id,
+        status=attributes["status"],
+        total=_count(attributes, "total_count"),
+        completed=_count(attributes, "completed_count"),
+        failed=_count(attributes, "failed_count"),
+    )
+
+
+def parse_import_error(resource: object) -> ImportFailure:
+    """Turn one import-error resource into an ImportFailure (index and email as Klaviyo gave them)."""
+    attributes = _obj(_obj(resource).get("attributes"))
+    match = _ERROR_INDEX.match(str(_obj(attributes.get("source")).get("pointer") or ""))
+    original = attributes.get("original_payload")
+    detail = f"{attributes.get('code', '?')}: {attributes.get('detail') or attributes.get('title') or ''}".strip()
+    return ImportFailure(
+        index=int(match.group(1)) if match else None,
+        email=_original_email(original),
+        detail=detail,
+        raw=json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False)[:BODY_EXCERPT],
+    )
+
+
+def _obj(value: object) -> dict[str, Any]:
+    """Return ``value`` if it is a JSON object, else an empty one."""
+    return cast(dict[str, Any], value) if isinstance(value, dict) else {}
+
+
+def _original_email(original: object) -> str | None:
+    """Return the email of an import error's original payload (a profile resource or bare attributes)."""
+    if not isinstance(original, dict):
+        return None
+    attributes = original.get("attributes", original)
+    email = attributes.get("email") if isinstance(attributes, dict) else None
+    return email.strip().lower() if isinstance(email, str) else None
+
+
+def map_failures(
+    failures: Sequence[ImportFailure], profiles: Sequence[Mapping[str, Any]]
+) -> tuple[ImportFailure, ...]:
+    """Tie each failure to the position of the profile it is about: its pointer if the email agrees, else the email."""
+    emails = [str(p.get("email", "")).lower() for p in profiles]
+    positions = {email: i for i, email in enumerate(emails)}
+    return tuple(
+        ImportFailure(_position(f, emails, positions), f.email, f.detail, f.raw) for f in failures
+    )
+
+
+def _position(failure: ImportFailure, emails: Sequence[str], positions: Mapping[str, int]) -> int | None:
+    """Return the position a failure refers to; the echoed email wins over a pointer that disagrees with it."""
+    index = failure.index
+    if index is not None and 0 <= index < len(emails) and failure.email in (None, emails[index]):
+        return index
+    return positions.get(failure.email) if failure.email is not None else None
+
+
 # --- client -------------------------------------------------------------------------------------------
 
 
@@ -195,6 +380,9 @@ class KlaviyoClient:
         max_tries: int = 5,
         max_time: float = 60,
         backoff_base: float = 1.0,
+        job_poll: tuple[float, float] = (0.1, 10.0),
+        job_timeout: float = 900.0,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
@@ -205,6 +393,9 @@ class KlaviyoClient:
         self._max_tries = max_tries
         self._max_time = max_time
         self._backoff_base = backoff_base
+        self._job_poll = job_poll  # (first wait, longest wait) between polls of a bulk import job
+        self._job_timeout = job_timeout
+        self._sleep = sleep
 
     def __repr__(self) -> str:
         return f"KlaviyoClient(base_url={self._base_url!r}, revision={self._revision!r})"
@@ -243,6 +434,66 @@ class KlaviyoClient:
         """Send one stored outbox event; 202 means Klaviyo queued it."""
         body = encode(event_body(json.loads(payload_json)))
         await self._request(_Request(Endpoint.EVENTS, "POST", "/api/events", body=body))
+
+    async def create_events_bulk(self, payloads: Sequence[Mapping[str, Any]]) -> None:
+        """Send up to 1,000 stored event payloads in one bulk request; 202 means Klaviyo queued them all."""
+        if not 0 < len(payloads) <= MAX_BULK_EVENTS:
+            raise ValueError(f"a bulk event request carries 1 to {MAX_BULK_EVENTS} events, got {len(payloads)}")
+        body = encode(bulk_events_body(payloads))
+        await self._request(_Request(Endpoint.BULK_EVENTS, "POST", "/api/event-bulk-create-jobs", body=body))
+
+    async def start_profile_import(self, profiles: Sequence[Mapping[str, Any]], list_id: str | None) -> str:
+        """Submit a bulk profile import job (adding the profiles to ``list_id``) and return its id."""
+        if not 0 < len(profiles) <= MAX_BULK_PROFILES:
+            raise ValueError(f"an import job carries 1 to {MAX_BULK_PROFILES} profiles, got {len(profiles)}")
+        body = encode(profile_import_job_body(profiles, list_id))
+        request = _Request(Endpoint.BULK_PROFILES, "POST", "/api/profile-bulk-import-jobs", body=body)
+        reply = await self._request(request)
+        return parse_import_job(reply.status, reply.text).id
+
+    async def profile_import_job(self, job_id: str) -> ImportJob:
+        """Return the current state of a bulk profile import job."""
+        path = f"/api/profile-bulk-import-jobs/{quote(job_id, safe='')}"
+        reply = await self._request(_Request(Endpoint.BULK_PROFILES, "GET", path))
+        return parse_import_job(reply.status, reply.text)
+
+    async def profile_import_errors(self, job_id: str) -> list[ImportFailure]:
+        """Return every import error of a job, following the cursor pages."""
+        path = f"/api/profile-bulk-import-jobs/{quote(job_id, safe='')}/import-errors"
+        params: dict[str, str] | None = {"page[size]": str(IMPORT_ERRORS_PAGE)}
+        failures: list[ImportFailure] = []
+        while params is not None:
+            reply = await self._request(_Request(Endpoint.BULK_PROFILES, "GET", path, params=params))
+            doc = _document(reply.status, reply.text)
+            failures.extend(parse_import_error(item) for item in doc.get("data") or [])
+            params = _next_page(doc)
+        return failures
+
+    async def wait_for_import(self, job_id: str) -> ImportJob:
+        """Poll a job until it is complete or cancelled; TransientUpstream if it takes longer than allowed."""
+        delay, longest = self._job_poll
+        waited = 0.0
+        while True:
+            await self._sleep(delay)
+            waited += delay
+            job = await self.profile_import_job(job_id)
+            if job.status in JOB_DONE:
+                return job
+            if waited >= self._job_timeout:
+                raise TransientUpstream(SERVICE, None, f"import job {job_id} still {job.status} after {waited:.0f}s")
+            delay = min(delay * 2, longest)
+
+    async def import_profiles(self, profiles: Sequence[Mapping[str, Any]], list_id: str | None) -> ImportOutcome:
+        """Import profiles in one bulk job, wait for it, and return its per-profile failures.
+
+        A cancelled job raises TransientUpstream: its profiles may or may not be imported, and importing
+        them again is a harmless upsert.
+        """
+        job = await self.wait_for_import(await self.start_profile_import(profiles, list_id))
+        if job.status != "complete":
+            raise TransientUpstream(SERVICE, None, f"import job {job.id} was {job.status}")
+        failures = await self.profile_import_errors(job.id) if job.failed else []
+        return ImportOutcome(job, map_failures(failures, profiles))
 
     async def _create(self, endpoint: Endpoint, path: str, body: Mapping[str, Any]) -> str:
         """POST a JSON:API document and return the id of the resource in the reply."""
@@ -322,6 +573,16 @@ class KlaviyoClient:
         if write:
             headers["Content-Type"] = JSON_API
         return headers
+
+
+def _next_page(doc: Mapping[str, Any]) -> dict[str, str] | None:
+    """Return the query of the next page named by ``links.next`` (its cursor), or None on the last page."""
+    links = doc.get("links")
+    following = links.get("next") if isinstance(links, dict) else None
+    if not isinstance(following, str) or not following:
+        return None
+    query = dict(URL(following).query)
+    return query if "page[cursor]" in query else None
 
 
 def _log_retry(details: Details) -> None:

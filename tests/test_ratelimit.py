@@ -9,11 +9,19 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
+import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
+import aiohttp
 import pytest
+from pydantic import SecretStr
 
+from klaviyo_bridge.klaviyo import KlaviyoClient
 from klaviyo_bridge.ratelimit import BURST_PERIOD, LIMITS, STEADY_PERIOD, AccountLimiter, Endpoint
+from klaviyo_bridge.sandbox.klaviyo import Account, FakeKlaviyo, serve_klaviyo
 
 SHARES = [0.5, 0.8, 0.95]
 
@@ -276,3 +284,164 @@ async def test_concurrent_waiters_are_served_in_order_one_refill_each(fake: Fake
 def test_share_outside_unit_interval_is_refused(share: float) -> None:
     with pytest.raises(ValueError, match="share"):
         AccountLimiter(share)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: the real KlaviyoClient against FakeKlaviyo's fixed windows, both on one shared fake clock.
+# One sequential worker makes the calls, so a request reaches the server at exactly the fake time its
+# limiter granted it (HTTP takes no fake time), and the server counts it in the window Klaviyo would.
+
+
+class SharedTime:
+    """One fake time for server and limiter; sleeping advances it, and crossing a minute runs ``on_minute``.
+
+    Time is kept as seconds since ``start`` (a small float, as time.monotonic() is): at epoch magnitude a
+    float step (~2e-7 s) exceeds the limiter's sub-token waits, so a fake sleep of one would not move it.
+    """
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.elapsed = 0.0
+        self.on_minute: Callable[[], Awaitable[None]] | None = None
+        # Boundaries are tracked as elapsed seconds: recomputing them from the epoch sum would round.
+        self.next_minute = (math.floor(start / STEADY_PERIOD) + 1) * STEADY_PERIOD - start
+
+    @property
+    def now(self) -> float:
+        """Return the time as epoch seconds (the server's clock)."""
+        return self.start + self.elapsed
+
+    def clock(self) -> float:
+        return self.now
+
+    def since_start(self) -> float:
+        """Return the time as seconds since the start (the limiter's clock)."""
+        return self.elapsed
+
+    def jump(self, epoch: float) -> None:
+        """Set the time to an epoch instant."""
+        self.elapsed = epoch - self.start
+
+    async def sleep(self, seconds: float) -> None:
+        target = self.elapsed + max(0.0, seconds)
+        while self.next_minute <= target:
+            if self.on_minute is not None:
+                self.elapsed = self.next_minute  # other integrations act at the start of the server's minute
+                await self.on_minute()
+            self.next_minute += STEADY_PERIOD
+        self.elapsed = target
+        await asyncio.sleep(0)
+
+
+@dataclass
+class Rig:
+    """A simulated account served on loopback and a bridge client paced at ``share`` on the shared clock."""
+
+    fake: FakeKlaviyo
+    account: Account
+    client: KlaviyoClient
+    time: SharedTime
+    session: aiohttp.ClientSession
+    url: str
+
+
+@asynccontextmanager
+async def rig(share: float) -> AsyncIterator[Rig]:
+    """Serve FakeKlaviyo (real limits, fixed windows on the shared clock) and build the bridge's client."""
+    # Start 17.3 s into a server minute, so the limiter's own timeline is not aligned with the windows.
+    shared = SharedTime(math.floor(time.time() / STEADY_PERIOD) * STEADY_PERIOD + 17.3)
+    fake = FakeKlaviyo(spec_path=None, clock=shared.clock, seed=5)
+    account = fake.add_account(E2E_KEY, label="merchant")
+    limiter = AccountLimiter(share, clock=shared.since_start, sleep=shared.sleep)
+    async with serve_klaviyo(fake) as url, aiohttp.ClientSession() as session:
+        # max_tries=1: a 429 would surface as RateLimited and fail the test instead of being retried away.
+        client = KlaviyoClient(session, base_url=url, revision="2026-07-15", api_key=SecretStr(E2E_KEY),
+                               limiter=limiter, max_tries=1)
+        yield Rig(fake, account, client, shared, session, url)
+
+
+E2E_KEY = "pk_limits_0123456789abcdef"
+E2E_EVENT = {"metric": "Order shipped", "properties": {"OrderId": "1"}, "backfill": True}
+
+
+def call_for(endpoint: Endpoint, client: KlaviyoClient) -> Callable[[int], Awaitable[None]]:
+    """Return a coroutine function making the n-th call of ``endpoint`` through the bridge's client."""
+    if endpoint is Endpoint.PROFILE_IMPORT:
+        async def upsert(n: int) -> None:
+            await client.import_profile({"email": f"p{n}@example.com"})
+        return upsert
+
+    async def bulk(n: int) -> None:
+        await client.create_events_bulk([{**E2E_EVENT, "email": f"p{n}@example.com", "unique_id": f"{n}:shipped"}])
+    return bulk
+
+
+async def saturate(r: Rig, endpoint: Endpoint, seconds: float) -> list[float]:
+    """Call ``endpoint`` back to back for ``seconds`` of shared time; return each call's server time."""
+    call = call_for(endpoint, r.client)
+    end = r.time.now + seconds
+    stamps: list[float] = []
+    while r.time.now < end:
+        await call(len(stamps))
+        stamps.append(r.time.now)
+    return stamps
+
+
+def full_minutes(stamps: list[float]) -> list[int]:
+    """Return the request counts of the server's fixed minutes that lie wholly inside the run, first excluded."""
+    counts = per_bin(stamps, STEADY_PERIOD)
+    first, last = min(counts), max(counts)
+    return [counts[k] for k in range(first + 1, last)]
+
+
+@pytest.mark.parametrize(("endpoint", "share"), [(Endpoint.BULK_EVENTS, 0.8), (Endpoint.PROFILE_IMPORT, 0.8),
+                                                 (Endpoint.BULK_EVENTS, 0.5)])
+async def test_sustained_load_on_fixed_windows_gets_95_percent_of_the_share_and_no_429(
+    endpoint: Endpoint, share: float
+) -> None:
+    """13. The bridge's client calls one endpoint back to back for 3 simulated minutes against FakeKlaviyo's
+    fixed 1 s / 60 s windows at the published limits.
+    Result: zero 429s; every whole server minute carries at least 95 % (and at most share × limit + 1) of
+    the steady limit times the share; no server second or minute exceeds the published limits."""
+    limit = LIMITS[endpoint]
+    async with rig(share) as r:
+        stamps = await saturate(r, endpoint, 3 * STEADY_PERIOD)
+        throttled = r.account.counters.throttled
+
+    assert throttled == 0
+    minutes = full_minutes(stamps)
+    assert len(minutes) >= 2
+    assert all(0.95 * share * limit.steady <= n <= share * limit.steady + 1 for n in minutes), minutes
+    assert max(per_bin(stamps, BURST_PERIOD).values()) <= limit.burst
+    assert max(per_bin(stamps, STEADY_PERIOD).values()) <= limit.steady
+
+
+async def test_quota_used_by_another_integration_is_learned_from_the_headers() -> None:
+    """14. Another integration on the same key spends 300 profile-import calls (40 % of 750/min, more than the
+    20 % share 0.8 leaves it) in the first 30 s of every server minute, 10 a second, for 3 minutes.
+    Result: no 429 for anyone: the bridge shrinks its bucket from RateLimit-Remaining/Reset and backs off;
+    it still gets at least 95 % of what the other integration leaves in every whole minute."""
+    share, limit, others = 0.8, LIMITS[Endpoint.PROFILE_IMPORT], 300
+    other_statuses: Counter[int] = Counter()
+    async with rig(share) as r:
+        headers = {"Authorization": f"Klaviyo-API-Key {E2E_KEY}", "revision": "2026-07-15"}
+
+        async def other_integration() -> None:
+            minute = r.time.now
+            for n in range(others):
+                r.time.jump(minute + n // 10)
+                body = {"data": {"type": "profile", "attributes": {"email": f"other{n}@example.com"}}}
+                async with r.session.post(f"{r.url}/api/profile-import", json=body, headers=headers) as resp:
+                    other_statuses[resp.status] += 1
+            r.time.jump(minute)
+
+        r.time.on_minute = other_integration
+        stamps = await saturate(r, Endpoint.PROFILE_IMPORT, 3 * STEADY_PERIOD)
+        throttled = r.account.counters.throttled
+
+    assert throttled == 0
+    assert other_statuses.total() >= 2 * others
+    assert set(other_statuses) <= {200, 201}  # created, then updated: never 429
+    minutes = full_minutes(stamps)
+    assert len(minutes) >= 2
+    assert all(0.95 * (limit.steady - others) <= n <= limit.steady - others for n in minutes), minutes
