@@ -224,6 +224,10 @@ class WhiplashSettings(BaseModel):
     page_size: Int = Field(default=50, ge=1, le=500)
     overlap_seconds: Int = Field(default=300, ge=0, le=86400)
     timeout_seconds: Float = Field(default=30.0, gt=0)
+    # Orders last seen shipped are re-read by id this often, for this long, in case "delivered" does not
+    # bump updated_at; reconcile_days = 0 turns the sweep off.
+    reconcile_interval_minutes: Float = Field(default=30.0, ge=0.01, le=10080)
+    reconcile_days: Int = Field(default=30, ge=0, le=365)
 
     @model_validator(mode="after")
     def _refresh_token_for_grant(self) -> Self:

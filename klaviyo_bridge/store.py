@@ -9,12 +9,20 @@ Delivery contract (transactional outbox; reliability guide §0-§4):
   (``"{order_id}:{event}"``) stored in the row and sent byte for byte on every attempt, so Klaviyo keeps
   one event; profile imports are upserts and repeat harmlessly.
 - **Bounded duplication.** Only rows in flight at a crash (at most one batch per customer) are sent twice.
+- **Isolation.** Every row, cursor and key-health flag belongs to one customer; nothing here lets one
+  customer's failures touch another's rows.
+- **Never from scratch.** A database that is unreadable, corrupt or from a newer version stops the daemon;
+  an older schema is migrated in place, in one transaction per version.
+The fault suite (tests/faults/) SIGKILLs the daemon at named failpoints (one inside ``commit_page``'s
+transaction, before COMMIT) and under random load, and checks the above.
 
 Invariants kept here:
 - one writer connection; every write is one ``BEGIN IMMEDIATE`` transaction, and an ``asyncio.Lock``
   serialises all use of the connection, so concurrent customer tasks never interleave statements;
 - an event ``unique_id`` enters a customer's outbox at most once, ever, whether its row was sent or not;
-- order memory only gains announced events (bits are OR-ed in), it never forgets one;
+- order memory only gains announced events (bits are OR-ed in), it never forgets one; ``status_at`` (epoch
+  seconds) is when the remembered status was set, kept until the status changes, and bounds the reconcile
+  sweep (v1 rows count as set at the upgrade);
 - a queued profile row replaced by a newer payload gets a new ``version``; ``mark_sent`` of an older version
   is refused, so the newer payload stays pending and is sent too;
 - datetimes are stored as UTC ISO-8601 text with microseconds, so text order is time order;
@@ -30,6 +38,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -40,6 +49,7 @@ from typing import Final, Literal, TypeVar, cast
 
 import aiosqlite
 
+from . import failpoints
 from .core import EventKind, EventRow, NameSource, OrderMemory, Plan, ProfileChange, ProfileName
 from .errors import MalformedOrder, StoreError
 
@@ -84,6 +94,7 @@ class CustomerState:
     last_poll_at: datetime | None = None
     last_poll_ok_at: datetime | None = None
     last_error: str | None = None
+    reconciled_at: datetime | None = None  # when the last reconcile sweep completed
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +218,17 @@ async def _migrate_v1(db: aiosqlite.Connection) -> None:
         await db.execute(statement)
 
 
+async def _migrate_v2(db: aiosqlite.Connection) -> None:
+    """Remember when each order's current status was set (epoch seconds), bounding the reconcile sweep."""
+    await db.execute("ALTER TABLE orders ADD COLUMN status_at INTEGER NOT NULL DEFAULT 0")
+    # v1 rows carry no time: count them as set now, so they are reconciled for reconcile_days from the upgrade.
+    await db.execute("UPDATE orders SET status_at = CAST(strftime('%s', 'now') AS INTEGER)")
+    await db.execute("CREATE INDEX orders_by_status ON orders (customer_id, status, status_at)")
+    await db.execute("ALTER TABLE customers ADD COLUMN reconciled_at TEXT")
+
+
 # Append-only: entry i migrates user_version i to i + 1. Never edit a released migration.
-_MIGRATIONS: Final[tuple[Migration, ...]] = (_migrate_v1,)
+_MIGRATIONS: Final[tuple[Migration, ...]] = (_migrate_v1, _migrate_v2)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
@@ -226,6 +246,13 @@ def _iso(dt: datetime) -> str:
     if dt.tzinfo is None:
         raise ValueError("naive datetime given to the store; pass an aware (UTC) datetime")
     return dt.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _epoch(dt: datetime) -> int:
+    """Return an aware datetime as whole epoch seconds (the compact form kept per order)."""
+    if dt.tzinfo is None:
+        raise ValueError("naive datetime given to the store; pass an aware (UTC) datetime")
+    return int(dt.timestamp())
 
 
 def _dt(text: object) -> datetime:
@@ -284,15 +311,8 @@ def _kinds(mask: int) -> frozenset[EventKind]:
 
 
 def _profile_payload(change: ProfileChange) -> str:
-    """Return the profile row payload: Klaviyo profile attributes, unknown fields omitted (never null)."""
-    name = change.name
-    fields = {
-        "email": change.email,
-        "first_name": name.first_name,
-        "last_name": name.last_name,
-        "organization": name.organization,
-    }
-    return _json({k: v for k, v in fields.items() if v is not None})
+    """Return the profile row payload: the Klaviyo profile attributes the mapping core chose."""
+    return _json(change.attributes())
 
 
 def _event_payload(event: EventRow) -> str:
@@ -399,13 +419,27 @@ async def _connect(path: Path, readonly: bool) -> aiosqlite.Connection:
     """Open the connection (read-only through a URI), translating failures into StoreError."""
     try:
         target = _target(path, readonly)
-        db = await aiosqlite.connect(
-            target, uri=readonly, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
-        )
-    except (OSError, sqlite3.Error) as exc:
+    except OSError as exc:
+        raise StoreError(f"cannot open state database {path}: {exc}") from exc
+    connection = aiosqlite.connect(target, uri=readonly, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        db = await connection
+    except sqlite3.Error as exc:
+        await _reap_worker(connection)
         raise StoreError(f"cannot open state database {path}: {exc}") from exc
     db.row_factory = sqlite3.Row
     return db
+
+
+async def _reap_worker(connection: aiosqlite.Connection) -> None:
+    """Wait until the worker thread of a connection that failed to open has stopped.
+
+    aiosqlite stops it by queueing a close whose result it posts to the event loop later; were the loop
+    closed first (a daemon exiting on this very error), the thread would die printing "Event loop is closed".
+    """
+    worker = getattr(connection, "_thread", connection)  # aiosqlite < 0.21: the connection is the thread
+    if isinstance(worker, threading.Thread) and worker.ident is not None:
+        await asyncio.to_thread(worker.join, 5.0)
 
 
 async def _check_health(db: aiosqlite.Connection, path: Path) -> None:
@@ -491,15 +525,19 @@ async def _ensure_customer(db: aiosqlite.Connection, customer_id: int) -> None:
 
 
 async def _upsert_orders(
-    db: aiosqlite.Connection, customer_id: int, orders: Mapping[int, OrderMemory]
+    db: aiosqlite.Connection, customer_id: int, orders: Mapping[int, OrderMemory], status_at: Mapping[int, int]
 ) -> None:
-    """Store order memories; announced bits are OR-ed so an announcement is never forgotten."""
+    """Store order memories; announced bits are OR-ed so an announcement is never forgotten.
+
+    ``status_at`` (epoch seconds) is kept from the first time the current status was stored.
+    """
     await _run_many(
         db,
-        """INSERT INTO orders (customer_id, order_id, status, announced) VALUES (?, ?, ?, ?)
+        """INSERT INTO orders (customer_id, order_id, status, announced, status_at) VALUES (?, ?, ?, ?, ?)
            ON CONFLICT (customer_id, order_id) DO UPDATE
-           SET status = excluded.status, announced = announced | excluded.announced""",
-        [(customer_id, oid, mem.status, _bits(mem.announced)) for oid, mem in orders.items()],
+           SET status_at = CASE WHEN status = excluded.status THEN status_at ELSE excluded.status_at END,
+             status = excluded.status, announced = announced | excluded.announced""",
+        [(customer_id, oid, mem.status, _bits(mem.announced), status_at[oid]) for oid, mem in orders.items()],
     )
 
 
@@ -671,6 +709,7 @@ def _customer_state(customer_id: int, row: sqlite3.Row | None) -> CustomerState:
         last_poll_at=_opt_dt(row["last_poll_at"]),
         last_poll_ok_at=_opt_dt(row["last_poll_ok_at"]),
         last_error=_opt_str(row["last_error"]),
+        reconciled_at=_opt_dt(row["reconciled_at"]),
     )
 
 
@@ -810,6 +849,14 @@ class Store:
                 (stamp, ok, stamp, ok, _clip(error), customer_id),
             )
 
+    async def record_reconcile(self, customer_id: int, now: datetime) -> None:
+        """Record that a reconcile sweep of the customer completed at ``now``."""
+        async with self._write() as db:
+            await _ensure_customer(db, customer_id)
+            await db.execute(
+                "UPDATE customers SET reconciled_at = ? WHERE customer_id = ?", (_iso(now), customer_id)
+            )
+
     # -- mapping memory ------------------------------------------------------------------------------------
 
     async def load_memory(self, customer_id: int, order_ids: Iterable[int]) -> dict[int, OrderMemory]:
@@ -826,6 +873,31 @@ class Store:
                 for r in rows:
                     found[int(r["order_id"])] = OrderMemory(int(r["status"]), _kinds(int(r["announced"])))
         return found
+
+    async def orders_to_reconcile(
+        self,
+        customer_id: int,
+        statuses: Iterable[int],
+        unannounced: EventKind,
+        since: datetime,
+        *,
+        after_id: int = 0,
+        limit: int = _CHUNK,
+    ) -> list[int]:
+        """Return ids (ascending, above ``after_id``) of orders whose status is one of ``statuses``, set at or
+        after ``since``, and whose ``unannounced`` event has not been announced."""
+        codes = sorted(set(statuses))
+        if not codes:
+            return []
+        async with self._read() as db:
+            rows = await _all(
+                db,
+                "SELECT order_id FROM orders WHERE customer_id = ? AND order_id > ? "
+                f"AND status IN ({_marks(len(codes))}) AND status_at >= ? AND announced & ? = 0 "
+                "ORDER BY order_id LIMIT ?",
+                (customer_id, after_id, *codes, _epoch(since), _EVENT_BITS[unannounced], limit),
+            )
+        return [int(r[0]) for r in rows]
 
     async def load_names(self, customer_id: int, emails: Iterable[str]) -> dict[str, ProfileName]:
         """Return the name last queued for each known email."""
@@ -850,17 +922,22 @@ class Store:
         cursor: tuple[datetime, int] | None,
         malformed: Sequence[MalformedOrder],
         now: datetime,
+        *,
+        status_at: Mapping[int, datetime] | None = None,
     ) -> int:
         """Commit one page's memory, names, outbox rows, malformed orders and cursor atomically.
 
-        Returns how many outbox rows became pending that were not: new rows, plus sent or dead profile rows
-        queued again. Replacing the payload of a still-pending profile row does not count.
+        ``status_at`` gives when each order's status was set (its ``updated_at``); orders missing from it
+        count as set ``now``. Returns how many outbox rows became pending that were not: new rows, plus sent
+        or dead profile rows queued again. Replacing the payload of a still-pending profile row does not count.
         """
         # A queued profile's name counts as sent unless plan.names says otherwise.
         names = {p.email: p.name for p in plan.profiles} | plan.names
+        times = status_at or {}
+        stamps = {oid: _epoch(times.get(oid, now)) for oid in plan.orders}
         async with self._write() as db:
             await _ensure_customer(db, customer_id)
-            await _upsert_orders(db, customer_id, plan.orders)
+            await _upsert_orders(db, customer_id, plan.orders, stamps)
             await _upsert_names(db, customer_id, names)
             queued = await _queue_profiles(db, customer_id, plan.profiles, now)
             queued += await _queue_events(db, customer_id, plan.events, now)
@@ -868,6 +945,7 @@ class Store:
             await _record_malformed(db, customer_id, malformed, now)
             if cursor is not None:
                 await _set_cursor(db, customer_id, cursor)
+            failpoints.hit("during_cursor_update")
         return queued
 
     async def queue_setup(
@@ -1053,11 +1131,130 @@ class Store:
                 (rec.access_token, _iso(rec.expires_at), rec.refresh_token, rec.seed_fingerprint),
             )
 
+    # =====================================================================================================
+    # Bulk delivery and retention (issue 5). Additions only: nothing else in this module changes behaviour.
+    # - Batch marks apply the same version guard as mark_sent/mark_retry, for many rows in ONE transaction
+    #   (one fsync instead of one per row, which is what bounds a bulk backfill otherwise).
+    # - A profile import job adds its profiles to the list by email, without telling us their Klaviyo ids:
+    #   such profiles are recorded as on_list = 1 with whatever profile_id we knew (possibly NULL). Should a
+    #   later single upsert return a new id, _record_profile_id sees a changed id and re-adds it: harmless.
+    # - Retention (compact_sent) blanks the payloads of event rows sent before a cutoff: the row and its UNIQUE
+    #   key stay, as does order memory, so no event can be queued or sent twice; only the bytes of an
+    #   already-sent body go. Sent profile rows before the cutoff are deleted outright: a profile's name lives
+    #   in `profiles`, and a later change queues a fresh row exactly as it would have re-queued the old one.
+    #   (Counts.sent then counts the retained rows only.)
+
+    async def mark_sent_many(self, rows: Sequence[OutboxRow], now: datetime) -> int:
+        """Mark rows sent in one transaction once Klaviyo accepted the request carrying them; return how many."""
+        stamp = _iso(now)
+        async with self._write() as db:
+            return await _run_many(
+                db,
+                f"UPDATE outbox SET sent_at = ? WHERE id = ? AND version = ? AND {_PENDING}",
+                [(stamp, row.id, row.version) for row in rows],
+            )
+
+    async def mark_retry_many(
+        self, rows: Sequence[OutboxRow], now: datetime, next_attempt_at: datetime, error: str, status: int | None
+    ) -> None:
+        """Count a failed attempt of each row and schedule the next, in one transaction (replaced rows untouched)."""
+        params = (_iso(next_attempt_at), _clip(error), status)
+        async with self._write() as db:
+            await _run_many(
+                db,
+                """UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,
+                     last_status = ?
+                   WHERE id = ? AND version = ? AND """ + _PENDING,
+                [(*params, row.id, row.version) for row in rows],
+            )
+
+    async def mark_listed_by_import(self, customer_id: int, emails: Sequence[str]) -> None:
+        """Record that a bulk import job added these emails' profiles to the customer's list."""
+        async with self._write() as db:
+            await _ensure_customer(db, customer_id)
+            await _run_many(
+                db,
+                """INSERT INTO profiles (customer_id, email, on_list) VALUES (?, ?, 1)
+                   ON CONFLICT (customer_id, email) DO UPDATE SET on_list = 1""",
+                [(customer_id, email) for email in emails],
+            )
+
+    async def compact_sent(self, sent_before: datetime) -> int:
+        """Shrink what was sent before ``sent_before``: blank event payloads, drop profile rows; return rows touched."""
+        cutoff = (_iso(sent_before),)
+        async with self._write() as db:
+            blanked = await _run(
+                db,
+                """UPDATE outbox SET payload = '', last_error = NULL, response = NULL
+                   WHERE kind = 'event' AND sent_at IS NOT NULL AND sent_at < ? AND payload != ''""",
+                cutoff,
+            )
+            dropped = await _run(
+                db, "DELETE FROM outbox WHERE kind = 'profile' AND sent_at IS NOT NULL AND sent_at < ?", cutoff
+            )
+        return blanked + dropped
+
+    # ===================================================================================== end of issue 5
+
+    # -- operations commands: dead-letter inspection (added for `klaviyo-bridge dead-letters show`) ---------
+
+    async def dead_letter(self, row_id: int) -> DeadLetter | None:
+        """Return one dead-lettered row in full (payload, Klaviyo's response), or None if no such dead row."""
+        async with self._read() as db:
+            row = await _one(
+                db,
+                "SELECT id, customer_id, kind, key, payload, version, attempts, created_at, dead_at, last_status, "
+                "last_error, response FROM outbox WHERE id = ? AND dead_at IS NOT NULL",
+                (row_id,),
+            )
+        return None if row is None else _dead_letter(row)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Operations commands: a dead letter in full (kept together so other additions to this module stay apart)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead-lettered outbox row with everything ops need to decide on a replay."""
+
+    id: int
+    customer_id: int
+    kind: RowKind
+    key: str
+    payload: str  # JSON text exactly as sent
+    version: int
+    attempts: int
+    created_at: datetime
+    dead_at: datetime
+    status: int | None
+    last_error: str | None  # the last transient failure before it died, if any
+    response: str  # Klaviyo's answer that killed it (clipped)
+
+
+def _dead_letter(row: sqlite3.Row) -> DeadLetter:
+    """Build a DeadLetter from a selected row."""
+    return DeadLetter(
+        id=int(row["id"]),
+        customer_id=int(row["customer_id"]),
+        kind=cast(RowKind, row["kind"]),
+        key=str(row["key"]),
+        payload=str(row["payload"]),
+        version=int(row["version"]),
+        attempts=int(row["attempts"]),
+        created_at=_dt(row["created_at"]),
+        dead_at=_dt(row["dead_at"]),
+        status=_opt_int(row["last_status"]),
+        last_error=_opt_str(row["last_error"]),
+        response=str(row["response"] or ""),
+    )
+
 
 __all__ = [
     "SCHEMA_VERSION",
     "Counts",
     "CustomerState",
+    "DeadLetter",
     "DeadRow",
     "OutboxRow",
     "RowKind",

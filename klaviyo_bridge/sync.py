@@ -8,24 +8,27 @@ Invariants:
   the outbox refuses a second row with the same ``unique_id`` even if two readers race;
 - the cursor moves only with ``move_cursor``, and never past a malformed order: from the first one on it is
   held for the rest of the walk, so the order is read again next cycle;
-- with ``move_cursor=False`` the customer's cursor is left exactly as it was.
+- with ``move_cursor=False`` the customer's cursor is left exactly as it was;
+- the reconcile sweep (``reconcile_shipped``) re-reads orders remembered as shipped by id and commits them
+  through the same plan/commit path, never touching the cursor; a status change it finds behind the cursor
+  did not bump ``updated_at``, so its time is taken as when the sweep noticed it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Protocol
 
 import aiohttp
 
-from . import core
+from . import core, failpoints
 from .config import WhiplashSettings
-from .orders import Order
+from .orders import Order, order_key
 from .store import Store
-from .whiplash import Key, Page, TokenManager, TokenVault, WhiplashAuth, WhiplashClient
+from .whiplash import Key, Page, TokenManager, TokenVault, WhiplashAuth, WhiplashClient, build_page
 
 Clock = Callable[[], datetime]
 PageHook = Callable[[Page, int], None]  # (committed page, rows it queued)
@@ -36,6 +39,10 @@ class ChangeSource(Protocol):
 
     def walk_changes(self, customer_id: int, since: datetime) -> AsyncIterator[Page]:
         """Yield pages of orders changed at or after ``since``."""
+        ...
+
+    async def fetch_by_ids(self, customer_id: int, ids: Sequence[int]) -> list[object]:
+        """Return the raw orders with these ids."""
         ...
 
 
@@ -91,7 +98,8 @@ async def commit_page(
     known = await store.load_memory(cid, [o.id for o in page.orders])
     names = await store.load_names(cid, {o.email for o in page.orders if o.email})
     plan = core.plan_page(rules, page.orders, known, names, now)
-    queued = await store.commit_page(cid, plan, cursor, page.malformed, now)
+    status_at = {o.id: o.updated_at for o in page.orders}
+    queued = await store.commit_page(cid, plan, cursor, page.malformed, now, status_at=status_at)
     return plan, queued, already_announced(rules, page.orders, known)
 
 
@@ -116,14 +124,69 @@ async def sync_window(
     await store.ensure_customer(rules.customer_id)
     held = not move_cursor
     async for page in whiplash.walk_changes(rules.customer_id, since):
+        failpoints.hit("after_fetch")
         cursor, held = next_cursor(page, held)
         now = clock()
         plan, queued, already = await commit_page(store, rules, page, cursor, now)
+        failpoints.hit("after_outbox_commit")
         stats.add(page, plan, queued, already, now)
         if on_page is not None:
             on_page(page, queued)
         if stop is not None and stop.is_set():
             break
+    return stats
+
+
+_BEFORE_ALL: Key = (datetime.min.replace(tzinfo=UTC), 0)
+_AFTER_ALL: Key = (datetime.max.replace(tzinfo=UTC), 0)
+
+
+def shipped_statuses(rules: core.Rules) -> frozenset[int]:
+    """Return the status codes that announce "shipped" for this customer."""
+    return frozenset(code for code, kind in rules.status_events.items() if kind is core.EventKind.SHIPPED)
+
+
+def noticed_now(page: Page, known: Mapping[int, core.OrderMemory], cursor: Key | None, now: datetime) -> Page:
+    """Date status changes that did not move ``updated_at`` (behind the cursor) at ``now``, when seen."""
+    if cursor is None:
+        return page
+
+    def dated(order: Order) -> Order:
+        memory = known.get(order.id)
+        unannounced = memory is not None and memory.status != order.status and order.key <= cursor
+        return replace(order, updated_at=now) if unannounced else order
+
+    return replace(page, orders=tuple(dated(o) for o in page.orders))
+
+
+async def reconcile_shipped(
+    whiplash: ChangeSource,
+    store: Store,
+    rules: core.Rules,
+    since: datetime,
+    *,
+    clock: Clock,
+    on_page: PageHook | None = None,
+) -> SyncStats:
+    """Re-read by id the orders remembered as shipped since ``since`` and not yet delivered; commit changes."""
+    cid = rules.customer_id
+    stats = SyncStats()
+    after = 0
+    shipped = shipped_statuses(rules)
+    cursor = (await store.customer_state(cid)).cursor
+    while ids := await store.orders_to_reconcile(cid, shipped, core.EventKind.DELIVERED, since, after_id=after):
+        after = ids[-1]
+        raw = sorted(await whiplash.fetch_by_ids(cid, ids), key=lambda obj: order_key(obj) or _AFTER_ALL)
+        page = build_page(raw, _BEFORE_ALL)
+        if page is None:
+            continue
+        now = clock()
+        known = await store.load_memory(cid, [o.id for o in page.orders])
+        page = noticed_now(page, known, cursor, now)
+        plan, queued, already = await commit_page(store, rules, page, None, now)
+        stats.add(page, plan, queued, already, now)
+        if on_page is not None:
+            on_page(page, queued)
     return stats
 
 

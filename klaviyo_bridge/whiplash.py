@@ -29,6 +29,7 @@ import backoff
 from backoff.types import Details
 from pydantic import SecretStr
 
+from klaviyo_bridge import failpoints
 from klaviyo_bridge.errors import (
     AuthFailed,
     ConfigError,
@@ -310,6 +311,7 @@ class TokenManager:
             raise AuthFailed(SERVICE, reply.status, f"token endpoint: {error_detail(reply.text, secrets)}")
         _raise_for_status(reply, secrets, self._clock())
         rec = self._record_from(_json_body(reply, secrets), spent)
+        failpoints.hit("during_token_refresh")
         # Doorkeeper revokes the spent refresh token when the new access token is first used. Saving
         # before anyone can use it means a crash leaves either the old chain (still valid) or the new
         # one on disk, never a revoked token with its successor lost.

@@ -24,7 +24,7 @@ from .errors import AuthFailed, BridgeError, MalformedOrder, UpstreamError
 from .klaviyo import KlaviyoClient
 from .metrics import MetricsSink, NoMetrics
 from .store import Store
-from .sync import ChangeSource, SyncStats, sync_window
+from .sync import ChangeSource, SyncStats, reconcile_shipped, sync_window
 from .whiplash import Page
 
 log = logging.getLogger(__name__)
@@ -140,19 +140,54 @@ class CustomerWorker:
         """Poll once if launched and record the outcome; failures are logged, not raised."""
         now = self.clock()
         if not self.is_launched(now):
-            await self.store.record_poll(self.cid, now, True, None)
+            await self._record_poll(True, None)
             return SyncStats()
         try:
             stats = await self.poll_once()
         except (BridgeError, sqlite3.Error) as exc:
             self.metrics.poll_done(self.cid, False)
-            await self.store.record_poll(self.cid, self.clock(), False, str(exc))
             log.error("poll failed customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
+            await self._record_poll(False, str(exc))
             return SyncStats()
         self.metrics.poll_done(self.cid, True, stats.lag_s)
-        await self.store.record_poll(self.cid, self.clock(), True, None)
+        await self._record_poll(True, None)
+        swept = await self.reconcile_if_due()
         await self._update_gauges()
+        return _combined(stats, swept)
+
+    async def reconcile_if_due(self) -> SyncStats:
+        """Re-read the orders last seen shipped when the sweep is due; failures are logged, not raised."""
+        if self.settings.whiplash.reconcile_days == 0:
+            return SyncStats()
+        try:
+            return await self._reconcile(self.clock())
+        except (BridgeError, sqlite3.Error) as exc:
+            log.error("reconcile failed customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
+            return SyncStats()
+
+    async def _reconcile(self, now: datetime) -> SyncStats:
+        """Sweep if ``reconcile_interval_minutes`` passed since the last sweep, and record when it ran."""
+        w = self.settings.whiplash
+        last = (await self.store.customer_state(self.cid)).reconciled_at
+        if last is not None and now - last < timedelta(minutes=w.reconcile_interval_minutes):
+            return SyncStats()
+        stats = SyncStats()
+        # Never swept: a first walk has just read every recent order, so only start the interval.
+        if last is not None:
+            since = now - timedelta(days=w.reconcile_days)
+            stats = await reconcile_shipped(self.whiplash, self.store, self.rules, since, clock=self.clock,
+                                            on_page=self._on_page)
+        await self.store.record_reconcile(self.cid, now)
+        if stats.fetched:
+            log.info("reconciled customer=%s checked=%d queued=%d", self.cid, stats.fetched, stats.queued)
         return stats
+
+    async def _record_poll(self, ok: bool, error: str | None) -> None:
+        """Record a poll's outcome; a state DB that cannot take the write (locked, full) is logged, not raised."""
+        try:
+            await self.store.record_poll(self.cid, self.clock(), ok, error)
+        except sqlite3.Error as exc:
+            log.error("poll outcome not recorded customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
 
     async def _update_gauges(self) -> None:
         """Refresh the queued and dead-letter gauges (only when metrics are served: it costs a count)."""
@@ -194,6 +229,10 @@ class CustomerWorker:
         except UpstreamError as exc:
             log.warning("klaviyo set-up failed customer=%s error=%s action=%s", self.cid, exc,
                         "retried next cycle; if it persists check Klaviyo's status page and the key's list scopes")
+        except sqlite3.Error as exc:
+            log.error("delivery paused customer=%s error=%s action=%s", self.cid, exc,
+                      "retried next cycle; check the state DB's disk (space, permissions, other processes "
+                      "holding it); a row sent but not marked goes out again under its unique_id")
 
     async def run_once(self) -> None:
         """Poll once and deliver everything deliverable now (``run --once``)."""
@@ -235,12 +274,26 @@ class CustomerWorker:
         return min(60.0, max(0.05, (nxt - self.clock()).total_seconds()))
 
 
+def _combined(walk: SyncStats, sweep: SyncStats) -> SyncStats:
+    """Add a reconcile sweep's counts to the poll's, for the one summary line of the cycle."""
+    return SyncStats(
+        fetched=walk.fetched + sweep.fetched,
+        queued=walk.queued + sweep.queued,
+        already_announced=walk.already_announced + sweep.already_announced,
+        skipped_no_email=walk.skipped_no_email + sweep.skipped_no_email,
+        malformed=walk.malformed + sweep.malformed,
+        lag_s=max(walk.lag_s, sweep.lag_s),
+        pages=walk.pages + sweep.pages,
+    )
+
+
 def _poll_advice(exc: BaseException) -> str:
     """Tell ops what to do about a failed poll."""
     if isinstance(exc, AuthFailed):
         return "check the Whiplash client credentials / refresh token and the customer id"
     if isinstance(exc, sqlite3.Error):
-        return "check the state DB's disk (space, permissions); nothing was committed for the failed page"
+        return ("check the state DB (disk space, permissions, another process holding a lock); nothing was "
+                "committed for the failed page and it is read again next cycle")
     return "will retry next cycle; if it persists check Whiplash status and network"
 
 

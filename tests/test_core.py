@@ -217,7 +217,9 @@ def test_should_send_name(new: ProfileName, sent: ProfileName | None, expected: 
         pytest.param(NONE, {"email": "a@x.io"}, id="none-never-null"),
     ],
 )
-def test_profile_attributes_omit_unknown_fields_but_send_whole_real_names(name: ProfileName, expected: dict[str, Any]) -> None:
+def test_profile_attributes_omit_unknown_fields_but_send_whole_real_names(
+    name: ProfileName, expected: dict[str, Any]
+) -> None:
     assert ProfileChange("a@x.io", name).attributes() == expected
 
 

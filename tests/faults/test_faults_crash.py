@@ -1,0 +1,145 @@
+"""Crash matrix: the real daemon SIGKILLs itself at each named failpoint, is restarted without it, and the
+delivery contract still holds — every expected event recorded by Klaviyo exactly once, re-sends bounded by the
+rows in flight at the crash, no dead letter, a sound state DB, and a Whiplash token chain that still works.
+
+Each test also checks the crash landed where its name says (what was committed or sent at the kill), so a
+failpoint that silently moved would fail here.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from faultkit import Bridge, Facts, Ledger, Shop, Sims, assert_delivered_once, facts, serve, shops
+
+from klaviyo_bridge.sandbox.whiplash import OrderScript
+
+SHOP = shops(401)[0]
+BACKFILLED, LIVE = 25, 3  # page_size 10: three pages, the last one partly live orders
+
+
+@dataclass
+class Crash:
+    """What the killed run left behind, and what the recovery run re-sent."""
+
+    at_kill: Facts
+    kept_at_kill: int  # events Klaviyo had recorded when the process died
+    redone: int  # event re-sends plus profile re-imports after the restart
+    resends: int  # event re-sends only (Klaviyo dropped them as duplicates)
+
+
+def seed(sims: Sims, shop: Shop) -> Ledger:
+    """Give the shop history (backfill, sent in bulk) and a few live orders (sent one by one)."""
+    script = OrderScript(sims.whiplash, shop.cid, seed=shop.cid)
+    script.backfill(BACKFILLED, days=10)
+    script.spawn(LIVE)
+    ledger = Ledger(sims.whiplash)
+    ledger.observe_all()
+    return ledger
+
+
+def redone(sims: Sims, shop: Shop) -> int:
+    """Count requests Klaviyo received again for the same thing: duplicate events and repeated profile upserts."""
+    account = sims.account(shop)
+    imports = account.counters.requests["create_or_update_profile"]
+    return account.duplicate_events + max(0, imports - len(account.profiles))
+
+
+async def crash_and_recover(sims: Sims, bridge: Bridge, ledger: Ledger, spec: str) -> Crash:
+    """Run once with ``spec`` armed (it must kill), run once clean, and check the contract."""
+    killed = await bridge.once(failpoints=spec)
+    assert killed.code == -signal.SIGKILL, f"failpoint {spec} did not fire; log:\n{killed.log}"
+    at_kill = facts(bridge.state_path)
+    kept = len(sims.account(SHOP).events)
+    recovered = await bridge.once()
+    assert recovered.code == 0, recovered.log
+    assert_delivered_once(sims, bridge, ledger)
+    resends = sims.account(SHOP).duplicate_events
+    # Only rows still unmarked at the crash can go out twice (at most the batch in flight).
+    assert resends <= sum(at_kill.pending_events.values())
+    after = facts(bridge.state_path)
+    assert after.poll_errors == {SHOP.cid: None}
+    assert after.refresh_token == sims.whiplash.current_refresh_token  # the chain still works
+    return Crash(at_kill, kept, redone(sims, SHOP), resends)
+
+
+async def test_kill_after_fetch(tmp_path: Path) -> None:
+    """1. Kill when the second page is fetched. 2. Restart.
+    Result: the first page was committed (10 orders, nothing sent); after the restart all is delivered once."""
+    async with serve([SHOP]) as sims:
+        ledger = seed(sims, SHOP)
+        crash = await crash_and_recover(sims, Bridge(tmp_path, sims, [SHOP]).write(), ledger, "after_fetch=kill@2")
+    assert len(crash.at_kill.statuses[SHOP.cid]) == 10
+    assert crash.kept_at_kill == 0
+    assert crash.resends == 0
+
+
+async def test_kill_during_cursor_update(tmp_path: Path) -> None:
+    """1. Kill inside the second page's transaction, after its writes, before COMMIT. 2. Restart.
+    Result: the second page left no trace (its memory, rows and cursor rolled back together)."""
+    async with serve([SHOP]) as sims:
+        ledger = seed(sims, SHOP)
+        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        crash = await crash_and_recover(sims, bridge, ledger, "during_cursor_update=kill@2")
+    assert len(crash.at_kill.statuses[SHOP.cid]) == 10
+    assert crash.kept_at_kill == 0
+
+
+async def test_kill_after_outbox_commit(tmp_path: Path) -> None:
+    """1. Kill right after the second page's commit. 2. Restart.
+    Result: two pages (not three) committed and queued, nothing sent; all delivered once after the restart."""
+    async with serve([SHOP]) as sims:
+        ledger = seed(sims, SHOP)
+        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        crash = await crash_and_recover(sims, bridge, ledger, "after_outbox_commit=kill@2")
+    # Page two starts at the last key of page one (>=, for same-second ties), so it adds 9 or 10 orders.
+    assert 10 < len(crash.at_kill.statuses[SHOP.cid]) < BACKFILLED + LIVE
+    assert sum(crash.at_kill.pending_events.values()) > 0
+    assert crash.kept_at_kill == 0
+
+
+async def test_kill_mid_batch(tmp_path: Path) -> None:
+    """1. Kill before the fourth send of the delivery round. 2. Restart.
+    Result: the kill came mid-delivery (some events recorded, not all); nothing lost or doubled after."""
+    async with serve([SHOP]) as sims:
+        ledger = seed(sims, SHOP)
+        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        crash = await crash_and_recover(sims, bridge, ledger, "mid_batch=kill@4")
+        total = len(sims.account(SHOP).events)
+    assert crash.at_kill.pending_rows > 0
+    assert crash.kept_at_kill < total
+
+
+async def test_kill_after_send_before_mark(tmp_path: Path) -> None:
+    """1. Kill after Klaviyo's 2xx for the third request, before the row is marked sent. 2. Restart.
+    Result: that request is sent again (Klaviyo absorbs it: one event per unique_id, upsert for profiles)."""
+    async with serve([SHOP]) as sims:
+        ledger = seed(sims, SHOP)
+        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        crash = await crash_and_recover(sims, bridge, ledger, "after_send_before_mark=kill@3")
+    assert crash.redone >= 1
+
+
+async def test_kill_during_token_refresh_keeps_the_chain(tmp_path: Path) -> None:
+    """1. Kill after Whiplash issued the first tokens (from the seed), before they are stored. 2. Restart.
+    3. Expire access tokens; kill after the stored refresh token was exchanged, before the new one is stored.
+    4. Restart. Result: each restart authenticates with the last stored token (Doorkeeper revokes it only when
+    its successor is first used), the stored token ends as Whiplash's newest, and everything is delivered."""
+    async with serve([SHOP]) as sims:
+        ledger = seed(sims, SHOP)
+        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        crash = await crash_and_recover(sims, bridge, ledger, "during_token_refresh=kill")
+        assert crash.at_kill.refresh_token is None
+        stored = facts(bridge.state_path).refresh_token
+        sims.whiplash.expire_access_tokens()
+        killed = await bridge.once(failpoints="during_token_refresh=kill")
+        assert killed.code == -signal.SIGKILL, killed.log
+        assert facts(bridge.state_path).refresh_token == stored  # the new token died with the process
+        assert sims.whiplash.current_refresh_token != stored
+        recovered = await bridge.once()
+        assert recovered.code == 0, recovered.log
+        assert facts(bridge.state_path).refresh_token == sims.whiplash.current_refresh_token
+        assert_delivered_once(sims, bridge, ledger)
+        assert sims.whiplash.oauth.rotations == 4
