@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 # WhiplashClient's retry budget per page, passed explicitly because the watchdog's stall window builds on it.
 WHIPLASH_RETRY_BUDGET_S = 120.0
 SENT_WINDOW = timedelta(minutes=1)
+# Sent rows older than this keep their unique_id key (the never-twice guard) but lose their payload.
+RETENTION = timedelta(days=30)
+RETENTION_EVERY = timedelta(days=1)
 
 
 def stall_window(settings: Settings) -> float:
@@ -370,6 +373,16 @@ class Daemon:
             self._background.append(asyncio.create_task(dog.run(self.stop, interval / 2), name="watchdog"))
         if self.notifier.enabled:
             self._background.append(asyncio.create_task(self._report_status(), name="status"))
+        self._background.append(asyncio.create_task(self._retain(), name="retention"))
+
+    async def _retain(self) -> None:
+        """Once a day, shrink rows sent more than RETENTION ago (keys stay, so nothing is ever re-sent)."""
+        while not self.stop.is_set():
+            assert self._store is not None, "startup() first"
+            touched = await guarded(self._store.compact_sent(self.clock() - RETENTION), "retention")
+            if touched:
+                log.info("retention compacted rows=%d older_than_days=%d", touched, RETENTION.days)
+            await sleep_unless(self.stop, RETENTION_EVERY.total_seconds())
 
     async def _report_status(self) -> None:
         """Send one STATUS= line per poll interval until stopped."""

@@ -235,10 +235,23 @@ class CustomerWorker:
                       "holding it); a row sent but not marked goes out again under its unique_id")
 
     async def run_once(self) -> None:
-        """Poll once and deliver everything deliverable now (``run --once``)."""
-        stats = await self.poll_cycle()
+        """Poll once and deliver everything deliverable now (``run --once``), sending while the poll walks."""
+        polled = asyncio.Event()
+        sender = asyncio.create_task(self._send_until(polled))
+        try:
+            stats = await self.poll_cycle()
+        finally:
+            polled.set()
+            await sender
         await self.deliver_cycle()
         self.summarise(stats)
+
+    async def _send_until(self, done: asyncio.Event) -> None:
+        """Deliver each committed page's rows while the poll goes on, so sending overlaps fetching."""
+        while not done.is_set() and not self.deliverer.key_refused:
+            self.wake.clear()
+            await self.deliver_cycle()
+            await wait_any(done, self.wake, None)
 
     async def run_poller(self, stop: asyncio.Event) -> None:
         """Poll on a drift-free schedule until ``stop`` is set."""
