@@ -17,7 +17,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -37,7 +38,7 @@ PageHook = Callable[[Page, int], None]  # (committed page, rows it queued)
 class ChangeSource(Protocol):
     """What a sync reads from: Whiplash's changed orders in (updated_at, id) order."""
 
-    def walk_changes(self, customer_id: int, since: datetime) -> AsyncIterator[Page]:
+    def walk_changes(self, customer_id: int, since: datetime) -> AsyncGenerator[Page, None]:
         """Yield pages of orders changed at or after ``since``."""
         ...
 
@@ -123,17 +124,19 @@ async def sync_window(
     stats = SyncStats()
     await store.ensure_customer(rules.customer_id)
     held = not move_cursor
-    async for page in whiplash.walk_changes(rules.customer_id, since):
-        failpoints.hit("after_fetch")
-        cursor, held = next_cursor(page, held)
-        now = clock()
-        plan, queued, already = await commit_page(store, rules, page, cursor, now)
-        failpoints.hit("after_outbox_commit")
-        stats.add(page, plan, queued, already, now)
-        if on_page is not None:
-            on_page(page, queued)
-        if stop is not None and stop.is_set():
-            break
+    # aclosing: a walk left early (stop) must cancel the page it is already fetching ahead.
+    async with contextlib.aclosing(whiplash.walk_changes(rules.customer_id, since)) as pages:
+        async for page in pages:
+            failpoints.hit("after_fetch")
+            cursor, held = next_cursor(page, held)
+            now = clock()
+            plan, queued, already = await commit_page(store, rules, page, cursor, now)
+            failpoints.hit("after_outbox_commit")
+            stats.add(page, plan, queued, already, now)
+            if on_page is not None:
+                on_page(page, queued)
+            if stop is not None and stop.is_set():
+                break
     return stats
 
 

@@ -14,12 +14,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -32,6 +33,7 @@ from pydantic import SecretStr
 from klaviyo_bridge import failpoints
 from klaviyo_bridge.errors import (
     AuthFailed,
+    BridgeError,
     ConfigError,
     MalformedOrder,
     MalformedPayload,
@@ -485,7 +487,7 @@ class WhiplashClient:
             found += await self.fetch_page(customer_id, search, sort="id asc")
         return found
 
-    async def walk_changes(self, customer_id: int, since: datetime) -> AsyncIterator[Page]:
+    async def walk_changes(self, customer_id: int, since: datetime) -> AsyncGenerator[Page, None]:
         """Yield pages of orders changed at or after ``since``, in (updated_at, id) order.
 
         Keyset paging: every request is page 1 of "key > cursor", so rows updated mid-walk cannot shift
@@ -499,12 +501,40 @@ class WhiplashClient:
             raise ValueError("since must be timezone-aware")
         key: Key = (since.astimezone(UTC), 0)
         query: _Query | None = _since_query(customer_id, key)
-        while query is not None:
-            raw = await self.fetch_page(customer_id, query.search, sort=query.sort)
-            page = build_page(raw, key)
-            if page is not None:
-                yield page
-            query, key = self._next_query(customer_id, query, raw, key)
+        ahead = self._prefetch(customer_id, query)
+        try:
+            while ahead is not None:
+                raw = await ahead
+                page = build_page(raw, key)
+                query, key, stalled = self._advance(customer_id, query, raw, key)
+                # Fetch the next page while the caller maps and commits this one: both take time per page.
+                ahead = self._prefetch(customer_id, query)
+                if page is not None:
+                    yield page
+                if stalled is not None:
+                    raise stalled
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BridgeError):
+                    await ahead
+
+    def _prefetch(self, customer_id: int, query: _Query | None) -> asyncio.Task[list[object]] | None:
+        """Start fetching ``query``'s page in the background (None when the walk is done)."""
+        if query is None:
+            return None
+        return asyncio.ensure_future(self.fetch_page(customer_id, query.search, sort=query.sort))
+
+    def _advance(
+        self, customer_id: int, query: _Query | None, raw: Sequence[object], key: Key
+    ) -> tuple[_Query | None, Key, MalformedPayload | None]:
+        """Return the next query and key; a stalled keyset is returned to raise after this page is used."""
+        assert query is not None
+        try:
+            nxt, new_key = self._next_query(customer_id, query, raw, key)
+        except MalformedPayload as exc:
+            return None, key, exc
+        return nxt, new_key, None
 
     def _next_query(
         self, customer_id: int, query: _Query, raw: Sequence[object], key: Key

