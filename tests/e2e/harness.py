@@ -11,17 +11,16 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from bridgekit import LoggedProcess, patch_example, toml_str
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config.example.toml"
@@ -155,42 +154,8 @@ class Harness:
             await bridge.closed()
 
 
-class RunningBridge:
+class RunningBridge(LoggedProcess):
     """A long-running bridge process whose log lines are collected as they come."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._new_line = asyncio.Event()
-        assert proc.stdout is not None
-        self._reader = asyncio.create_task(self._read(proc.stdout))
-
-    @property
-    def log(self) -> str:
-        """Return everything the process logged so far."""
-        return "\n".join(self.lines)
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        """Collect lines until the process closes its output."""
-        async for raw in stream:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-            self._new_line.set()
-        self._new_line.set()
-
-    async def wait_for_line(self, pattern: str, limit_s: float = 15.0) -> str:
-        """Return the first log line matching ``pattern`` (a regex), waiting up to ``limit_s`` seconds."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + limit_s
-        while True:
-            match = next((line for line in self.lines if regex.search(line)), None)
-            if match is not None:
-                return match
-            left = deadline - time.monotonic()
-            assert left > 0, f"no log line matching {pattern!r} within {limit_s}s; log:\n{self.log}"
-            assert not self._reader.done(), f"bridge exited before logging {pattern!r}; log:\n{self.log}"
-            self._new_line.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._new_line.wait(), left)
 
     async def stop(self, sig: signal.Signals = signal.SIGTERM, limit_s: float = 15.0) -> tuple[int, float]:
         """Send ``sig`` and return (exit code, seconds until the process exited)."""
@@ -202,43 +167,6 @@ class RunningBridge:
         await self.closed()
         return code, elapsed
 
-    async def closed(self) -> None:
-        """Wait until every log line has been read."""
-        await asyncio.wait_for(self._reader, 5.0)
-
-
-async def eventually(check: Callable[[], T], *, limit_s: float = 15.0, what: str = "condition") -> T:
-    """Poll ``check`` until it returns something truthy, failing with ``what`` after ``limit_s`` seconds."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {limit_s}s waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-def toml_str(value: str) -> str:
-    """Quote a TOML basic string."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def patch_example(text: str, values: dict[str, dict[str, str]]) -> str:
-    """Replace ``key = value`` lines per section of the example and drop its customers."""
-    head = text.split("[[customers]]", 1)[0]
-    out: list[str] = []
-    section = ""
-    for line in head.splitlines():
-        m = re.match(r"^\[(\w+)\]", line)
-        if m:
-            section = m.group(1)
-        kv = re.match(r"^#?\s*(\w+)\s*=", line)
-        if kv and kv.group(1) in values.get(section, {}):
-            line = f"{kv.group(1)} = {values[section].pop(kv.group(1))}"
-        out.append(line)
-    leftovers = {s: k for s, k in values.items() if k}
-    assert not leftovers, f"keys not found in config.example.toml: {leftovers}"
-    return "\n".join(out) + "\n"
 
 
 def customer_block(c: Customer) -> str:

@@ -11,18 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import sqlite3
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+from bridgekit import LoggedProcess, toml_str
 
 from klaviyo_bridge import core
 from klaviyo_bridge.config import LoadedConfig, Settings, load_config
@@ -110,11 +109,6 @@ async def serve(
 
 
 # --------------------------------------------------------------------------------------------- config
-
-
-def toml_str(value: str) -> str:
-    """Quote a TOML basic string."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def config_text(state: Path, sims: Sims, merchants: Sequence[Shop], sections: Mapping[str, Mapping[str, str]]) -> str:
@@ -216,28 +210,13 @@ class Finished:
     log: str
 
 
-class Proc:
+class Proc(LoggedProcess):
     """A running bridge process whose output is collected line by line."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        assert process.stdout is not None
-        self._reader = asyncio.create_task(self._read(process.stdout))
-
-    @property
-    def log(self) -> str:
-        """Return everything logged so far."""
-        return "\n".join(self.lines)
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
 
     async def wait(self, limit_s: float) -> int:
         """Wait for the exit code (failing after ``limit_s``)."""
         try:
-            code = await asyncio.wait_for(self.process.wait(), limit_s)
+            code = await asyncio.wait_for(self.proc.wait(), limit_s)
         except TimeoutError:
             raise AssertionError(f"bridge still running after {limit_s}s; log:\n{self.log}") from None
         await self.closed()
@@ -246,34 +225,15 @@ class Proc:
     async def exited_within(self, seconds: float) -> int | None:
         """Return the exit code if the process ends within ``seconds``, else None (still running)."""
         with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(asyncio.shield(self.process.wait()), seconds)
+            return await asyncio.wait_for(asyncio.shield(self.proc.wait()), seconds)
         return None
 
     async def kill(self) -> int:
         """SIGKILL the process (if still up) and return its exit code."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
         return await self.wait(10.0)
 
-    async def closed(self) -> None:
-        """Wait until every line has been read."""
-        await asyncio.wait_for(self._reader, 10.0)
-
-    def has_line(self, pattern: str) -> bool:
-        """Tell whether a log line matches the regex."""
-        regex = re.compile(pattern)
-        return any(regex.search(line) for line in self.lines)
-
-
-async def eventually(check: Callable[[], T], *, limit_s: float = 20.0, what: str = "condition") -> T:
-    """Poll ``check`` until truthy, failing with ``what`` after ``limit_s`` seconds."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {limit_s}s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------ the state DB

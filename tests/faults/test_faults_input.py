@@ -15,7 +15,8 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from faultkit import REPO, Bridge, Ledger, assert_delivered_once, in_process, serve, shops, toml_str
+from bridgekit import toml_str
+from faultkit import REPO, Bridge, Ledger, assert_delivered_once, in_process, serve, shops
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from faultkit import Bridge, Ledger, Proc, Sims, assert_delivered_once, caught_up, eventually, facts, serve, shops
+from bridgekit import eventually
+from faultkit import Bridge, Ledger, Proc, Sims, assert_delivered_once, caught_up, facts, serve, shops
 
 from klaviyo_bridge import failpoints
 from klaviyo_bridge.sandbox.whiplash import OrderScript
@@ -127,5 +128,5 @@ async def quiesce(soak: Soak) -> None:
     async with soak.bridge.running() as proc:
         await eventually(lambda: caught_up(path, soak.sims.whiplash, cids) and facts(path).pending_rows == 0,
                          limit_s=60, what="the bridge to catch up and drain")
-        proc.process.send_signal(signal.SIGTERM)
+        proc.proc.send_signal(signal.SIGTERM)
         assert await proc.wait(20) == 0, proc.log

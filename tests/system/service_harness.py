@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import sys
@@ -17,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+
+from bridgekit import patch_example, toml_str
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config.example.toml"
@@ -32,29 +33,6 @@ class Shop:
     key: str
     launch: date
     enabled: bool = True
-
-
-def toml_str(value: str) -> str:
-    """Quote a TOML basic string."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def patch_example(text: str, values: dict[str, dict[str, str]]) -> str:
-    """Replace ``key = value`` lines per section of config.example.toml and drop its customers."""
-    head = text.split("[[customers]]", 1)[0]
-    out: list[str] = []
-    section = ""
-    for line in head.splitlines():
-        m = re.match(r"^\[(\w+)\]", line)
-        if m:
-            section = m.group(1)
-        kv = re.match(r"^#?\s*(\w+)\s*=", line)
-        if kv and kv.group(1) in values.get(section, {}):
-            line = f"{kv.group(1)} = {values[section].pop(kv.group(1))}"
-        out.append(line)
-    leftovers = {s: k for s, k in values.items() if k}
-    assert not leftovers, f"keys not found in config.example.toml: {leftovers}"
-    return "\n".join(out) + "\n"
 
 
 class NotifyListener:
