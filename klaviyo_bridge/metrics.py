@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -26,36 +25,10 @@ PREFIX = "klaviyo_bridge"
 METRICS_PATH = "/metrics"
 
 
-class MetricsSink(Protocol):
-    """What the daemon and the deliverer report to; ``Metrics`` and ``NoMetrics`` both implement it."""
-
-    def poll_done(self, customer_id: int, ok: bool, lag_s: float | None = None) -> None:
-        """Count one finished poll cycle and, when given, record the poll lag."""
-
-    def sent(self, customer_id: int, n: int = 1) -> None:
-        """Count rows Klaviyo accepted."""
-
-    def dead(self, customer_id: int, n: int = 1) -> None:
-        """Count rows dead-lettered."""
-
-    def retried(self, customer_id: int, n: int = 1) -> None:
-        """Count rows rescheduled after a transient failure."""
-
-    def throttled(self, customer_id: int, n: int = 1) -> None:
-        """Count Klaviyo 429 answers."""
-
-    def set_queued(self, customer_id: int, n: int) -> None:
-        """Record how many rows are pending."""
-
-    def set_dead_letters(self, customer_id: int, n: int) -> None:
-        """Record how many dead letters are waiting for ops."""
-
-    def forget(self, customer_id: int) -> None:
-        """Drop a removed customer's series."""
-
-
 class NoMetrics:
-    """The disabled sink: every method is a no-op."""
+    """What the daemon reports to; this base is the disabled sink, every method a no-op."""
+
+    enabled = False
 
     def poll_done(self, customer_id: int, ok: bool, lag_s: float | None = None) -> None:
         """Do nothing."""
@@ -82,8 +55,13 @@ class NoMetrics:
         """Do nothing."""
 
 
-class Metrics:
+MetricsSink = NoMetrics  # the type call sites annotate: Metrics or the disabled NoMetrics
+
+
+class Metrics(NoMetrics):
     """Per-customer counters and gauges in a registry of their own."""
+
+    enabled = True
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

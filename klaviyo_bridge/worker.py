@@ -191,7 +191,7 @@ class CustomerWorker:
 
     async def _update_gauges(self) -> None:
         """Refresh the queued and dead-letter gauges (only when metrics are served: it costs a count)."""
-        if isinstance(self.metrics, NoMetrics):
+        if not self.metrics.enabled:
             return
         counts = await self.store.counts(self.cid, self.clock())
         self.metrics.set_queued(self.cid, counts.queued)
