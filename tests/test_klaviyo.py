@@ -6,7 +6,6 @@ and backoff's own waits are scaled down with ``backoff_base`` so nothing here re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import aioresponses
+from fakeclock import FakeTime
 from pydantic import SecretStr
 from yarl import URL
 
@@ -56,22 +56,6 @@ PAYLOAD: dict[str, Any] = {
     "backfill": False,
     "properties": {"order_id": 1001, "tracking_url": "https://t.example/1Z"},
 }
-
-
-class FakeTime:
-    """A clock that only moves when the limiter sleeps on it; records every sleep."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += max(0.0, seconds)
-        await asyncio.sleep(0)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from fakeclock import FakeTime
 from pydantic import SecretStr
 
 from klaviyo_bridge.klaviyo import KlaviyoClient
@@ -24,22 +25,6 @@ from klaviyo_bridge.ratelimit import BURST_PERIOD, LIMITS, STEADY_PERIOD, Accoun
 from klaviyo_bridge.sandbox.klaviyo import Account, FakeKlaviyo, serve_klaviyo
 
 SHARES = [0.5, 0.8, 0.95]
-
-
-class FakeTime:
-    """A clock that only moves when someone sleeps on it; records every sleep."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += max(0.0, seconds)
-        await asyncio.sleep(0)
 
 
 @pytest.fixture
