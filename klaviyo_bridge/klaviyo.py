@@ -44,6 +44,7 @@ from klaviyo_bridge.errors import (
     TransientUpstream,
     UpstreamError,
 )
+from klaviyo_bridge.http import body_reason, one_line
 from klaviyo_bridge.ratelimit import AccountLimiter, Endpoint
 
 log = logging.getLogger(__name__)
@@ -173,12 +174,12 @@ def filter_equals(field: str, value: str) -> str:
 
 
 def error_detail(text: str) -> str:
-    """Return 'code: detail' of the first JSON:API error, else a short excerpt of the body."""
+    """Return 'code: detail' of the first JSON:API error, else a one-line description (never an HTML page)."""
     try:
         first = json.loads(text)["errors"][0]
-        return f"{first.get('code', '?')}: {first.get('detail') or first.get('title') or ''}".strip()
+        return one_line(f"{first.get('code', '?')}: {first.get('detail') or first.get('title') or ''}".strip())
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return " ".join(text.split())[:_DETAIL_EXCERPT] or "(empty body)"
+        return body_reason(text)
 
 
 def retry_after(headers: Mapping[str, str], detail: str) -> float | None:
@@ -220,9 +221,9 @@ def _document(status: int, text: str) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except ValueError as exc:
-        raise MalformedPayload(SERVICE, status, f"not JSON: {text[:_DETAIL_EXCERPT]!r}") from exc
+        raise MalformedPayload(SERVICE, status, f"not JSON: {body_reason(text)}") from exc
     if not isinstance(doc, dict):
-        raise MalformedPayload(SERVICE, status, f"not a JSON:API document: {text[:_DETAIL_EXCERPT]!r}")
+        raise MalformedPayload(SERVICE, status, f"not a JSON:API document: a JSON {type(doc).__name__}")
     return doc
 
 
@@ -230,7 +231,7 @@ def _resource_id(status: int, resource: object) -> str:
     """Return ``resource['id']`` as a non-empty string, or raise MalformedPayload."""
     rid = resource.get("id") if isinstance(resource, dict) else None
     if not isinstance(rid, str) or not rid:
-        raise MalformedPayload(SERVICE, status, f"resource without id: {str(resource)[:_DETAIL_EXCERPT]}")
+        raise MalformedPayload(SERVICE, status, f"resource without id ({type(resource).__name__})")
     return rid
 
 
@@ -286,7 +287,7 @@ def parse_import_job(status: int, text: str) -> ImportJob:
     job_id = _resource_id(status, resource)
     attributes = cast(dict[str, Any], resource).get("attributes")
     if not isinstance(attributes, dict) or not isinstance(attributes.get("status"), str):
-        raise MalformedPayload(SERVICE, status, f"import job without status: {text[:_DETAIL_EXCERPT]}")
+        raise MalformedPayload(SERVICE, status, "import job without status")
     return ImportJob(
         id=job_id,
         status=attributes["status"],
@@ -383,6 +384,7 @@ class KlaviyoClient:
         job_poll: tuple[float, float] = (0.1, 10.0),
         job_timeout: float = 900.0,
         sleep: Sleep = asyncio.sleep,
+        on_throttled: Callable[[], None] | None = None,
     ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
@@ -396,6 +398,7 @@ class KlaviyoClient:
         self._job_poll = job_poll  # (first wait, longest wait) between polls of a bulk import job
         self._job_timeout = job_timeout
         self._sleep = sleep
+        self._on_throttled = on_throttled  # counts every 429, retried or not (the metrics' throttled counter)
 
     def __repr__(self) -> str:
         return f"KlaviyoClient(base_url={self._base_url!r}, revision={self._revision!r})"
@@ -556,6 +559,8 @@ class KlaviyoClient:
         if status != 429:
             # 429s carry no RateLimit-* headers; their hint becomes a penalty below.
             self._limiter.observe(endpoint, headers)
+        elif self._on_throttled is not None:
+            self._on_throttled()
         error = response_error(status, headers, text)
         if error is None:
             return

@@ -1,14 +1,25 @@
 """Logging set-up: journald priorities under systemd, readable text on a TTY, JSON for log shippers.
 
-Every record passes a redaction filter that masks registered secret values, as a last line of defence
-behind SecretStr: a secret that leaks into an exception text still never reaches a log line.
+Logs are a data sink that many people read for months, so two things never reach a line, at any level:
+- a secret: every configured secret and every token obtained at run time (each Whiplash access token, each
+  rotated refresh token) is registered here the moment it is known, and every formatter masks them, as a
+  last line of defence behind SecretStr: a secret that leaks into an exception text is still masked;
+- a shopper's email: lines name customers and orders; a profile is named by ``profile_ref`` (10 hex
+  characters of a keyed hash, resolvable on purpose with ``klaviyo-bridge status --profile REF``), and any
+  email address that still reaches a formatter (say, echoed in an upstream error text) is replaced by its
+  reference.
+Third-party loggers stay at WARNING whatever ``log_level`` says: aiosqlite logs every SQL call with its
+parameters at DEBUG, which would print the stored Whiplash token; debug output is the bridge's own.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -25,7 +36,14 @@ _JOURNAL_PRIORITY = {
     logging.DEBUG: 7,
 }
 _MASK = "***"
+_PACKAGE = "klaviyo_bridge"
+# Libraries whose DEBUG/INFO output is theirs, not ours (aiosqlite's includes SQL parameters).
+_QUIET_LIBRARIES = ("aiosqlite", "asyncio", "aiohttp", "backoff")
+_REF_CHARS = 10
+# Good enough to catch an address inside free text (an upstream's error detail); validation is elsewhere.
+_EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 _secrets: set[str] = set()
+_profile_key: bytes | None = None
 
 
 def register_secret(value: str) -> None:
@@ -35,11 +53,31 @@ def register_secret(value: str) -> None:
         _secrets.add(value)
 
 
+def register_profile_key(key: bytes) -> None:
+    """Use ``key`` (kept in the state DB) for the profile references printed instead of emails."""
+    global _profile_key
+    _profile_key = key
+
+
+def keyed_ref(key: bytes, email: str) -> str:
+    """Return the stable reference of ``email`` under ``key``: 10 hex characters of its HMAC-SHA256."""
+    digest = hmac.new(key, email.strip().lower().encode(), hashlib.sha256).hexdigest()
+    return digest[:_REF_CHARS]
+
+
+def profile_ref(email: str) -> str:
+    """Return how log lines name the profile of ``email`` (its keyed reference, never the address)."""
+    # Without a key (no state DB opened yet) a reference cannot be resolved later, so say only what it is.
+    return keyed_ref(_profile_key, email) if _profile_key is not None else "unkeyed"
+
+
 def redact(text: str) -> str:
-    """Return ``text`` with every registered secret masked."""
+    """Return ``text`` with every registered secret masked and every email replaced by its reference."""
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, _MASK)
+    if "@" in text:
+        text = _EMAIL.sub(lambda m: f"[profile {profile_ref(m.group(0))}]", text)
     return text
 
 
@@ -98,7 +136,10 @@ def pick_formatter(fmt: LogFormat, environ: Mapping[str, str], stream: TextIO) -
 
 
 def setup_logging(level: str = "info", fmt: LogFormat = "text", environ: Mapping[str, str] | None = None) -> None:
-    """Send every log record to stderr in the format that suits where stderr goes."""
+    """Send every log record to stderr in the format that suits where stderr goes.
+
+    ``level`` applies to the bridge's own loggers; everything else stays at WARNING.
+    """
     env = os.environ if environ is None else environ
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(pick_formatter(fmt, env, sys.stderr))
@@ -106,7 +147,7 @@ def setup_logging(level: str = "info", fmt: LogFormat = "text", environ: Mapping
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
-    # aiohttp's access and client loggers are noisy at INFO and add nothing ops can act on.
-    logging.getLogger("aiohttp").setLevel(max(root.level, logging.WARNING))
-    logging.getLogger("backoff").setLevel(logging.ERROR)
+    root.setLevel(logging.WARNING)
+    logging.getLogger(_PACKAGE).setLevel(level.upper())
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -5,7 +5,11 @@ Pure: no I/O. Invariants:
 - ``parse_order`` raises ``MalformedOrder`` and nothing else, whatever JSON value it is given;
 - the fields the bridge decides with (``id``, ``status``, ``updated_at``) and the money fields
   (item ``quantity`` and ``price``) are strict; display fields are tolerant: a blank or mistyped
-  one becomes None (or is dropped from its list) rather than costing the customer an email.
+  one becomes None (or is dropped from its list) rather than costing the customer an email;
+- an email is either valid by syntax (email-validator, no DNS) and normalised (trimmed, lower-cased), or
+  absent: an invalid one is dropped and flagged (``email_invalid``), so Klaviyo never receives it;
+- a ``MalformedOrder``'s excerpt quotes only the order's identity and status fields, never a shopper's
+  name, email or address.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any, TypeGuard
+
+from email_validator import EmailNotValidError, validate_email
 
 from klaviyo_bridge.errors import MalformedOrder
 
@@ -51,6 +58,8 @@ STATUS_NAMES: Mapping[int, str] = {
 }
 
 EXCERPT_CHARS = 200
+# What a malformed order's excerpt may quote: identity and status, nothing about the shopper.
+EXCERPT_FIELDS = ("id", "customer_id", "status", "status_name", "updated_at")
 # SQLite INTEGER is signed 64-bit; a larger id or status could not be remembered.
 _MAX_INT64 = 2**63 - 1
 # Bounds that keep Σ price×quantity a finite float; anything beyond is garbage, not an order.
@@ -87,7 +96,7 @@ class Order:
     status: int
     status_name: str | None
     updated_at: datetime  # UTC
-    email: str | None  # stripped and lower-cased; None when absent or blank
+    email: str | None  # valid by syntax, stripped and lower-cased; None when absent, blank or invalid
     first_name: str | None
     last_name: str | None
     shipping_name: str | None
@@ -102,6 +111,7 @@ class Order:
     shipping_method: str | None  # ship_method, else shipping_method.name
     shipped_on: datetime | None  # UTC
     estimated_delivery: date | None  # approximate_delivery_date
+    email_invalid: bool = False  # Whiplash sent an email that is not one: no profile, no event
 
     @property
     def key(self) -> tuple[datetime, int]:
@@ -145,11 +155,17 @@ def order_key(obj: object) -> tuple[datetime, int] | None:
 
 
 def excerpt(obj: object, limit: int = EXCERPT_CHARS) -> str:
-    """Return compact JSON of ``obj`` cut to ``limit`` characters; never raises."""
+    """Return compact JSON of the order's identity and status fields, cut to ``limit``; never raises.
+
+    Everything else of an order is the shopper's (names, email, address): logs and status never show it.
+    """
+    if not isinstance(obj, dict):
+        return f"<{_kind(obj)}>"
+    shown = {key: obj[key] for key in EXCERPT_FIELDS if key in obj}
     try:
-        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=repr)
-    except Exception:  # circular, huge ints, odd keys: an excerpt must never hide the real error
-        text = _safe_repr(obj)
+        text = json.dumps(shown, separators=(",", ":"), ensure_ascii=False, default=repr)
+    except Exception:  # huge ints, odd values: an excerpt must never hide the real error
+        text = _safe_repr(shown)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -170,13 +186,15 @@ def _parse(obj: object) -> Order:
     updated_at = _aware_datetime(obj.get("updated_at"))
     if updated_at is None:
         raise _Bad("updated_at missing or not an ISO-8601 time with offset")
+    email = _email(obj.get("email"))
     return Order(
         id=order_id,
         customer_id=_opt_int(obj.get("customer_id")),
         status=status,
         status_name=_opt_str(obj.get("status_name")),
         updated_at=updated_at,
-        email=_email(obj.get("email")),
+        email=email,
+        email_invalid=email is None and _opt_str(obj.get("email")) is not None,
         first_name=_opt_str(obj.get("first_name")),
         last_name=_opt_str(obj.get("last_name")),
         shipping_name=_opt_str(obj.get("shipping_name")),
@@ -293,7 +311,19 @@ def _id_str(value: object) -> str | None:
 
 def _email(value: object) -> str | None:
     text = _opt_str(value)
-    return text.lower() if text is not None and "@" in text else None
+    return None if text is None else valid_email(text)
+
+
+@lru_cache(maxsize=65536)
+def valid_email(text: str) -> str | None:
+    """Return ``text`` trimmed and lower-cased if it is an email address by syntax (no DNS), else None."""
+    # Cached: a shopper's address recurs on every change of each of their orders, and a check costs ~40 µs.
+    lowered = text.strip().lower()
+    try:
+        validate_email(lowered, check_deliverability=False)
+    except EmailNotValidError:
+        return None
+    return lowered
 
 
 def _currency(value: object) -> str | None:

@@ -30,7 +30,7 @@ import backoff
 from backoff.types import Details
 from pydantic import SecretStr
 
-from klaviyo_bridge import failpoints
+from klaviyo_bridge import failpoints, logs
 from klaviyo_bridge.errors import (
     AuthFailed,
     BridgeError,
@@ -41,6 +41,7 @@ from klaviyo_bridge.errors import (
     RateLimited,
     TransientUpstream,
 )
+from klaviyo_bridge.http import body_reason
 from klaviyo_bridge.orders import Order, order_key, parse_order
 from klaviyo_bridge.store import TokenRecord
 
@@ -137,12 +138,12 @@ def _body_detail(data: object) -> str | None:
 
 
 def error_detail(text: str, secrets: Sequence[str] = ()) -> str:
-    """Return a readable, redacted detail (≤200 chars) from an error response body."""
+    """Return a readable, redacted detail (≤200 chars) from an error response body (never an HTML page)."""
     try:
         detail = _body_detail(json.loads(text))
     except ValueError:
         detail = None
-    return _excerpt(detail if detail is not None else text, secrets) or "(empty body)"
+    return _excerpt(detail if detail is not None else body_reason(text), secrets) or "(empty body)"
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -179,15 +180,19 @@ def _raise_for_status(reply: _Reply, secrets: Sequence[str], now: float) -> None
         wait = parse_retry_after(reply.retry_after, now)
         cls = RateLimited if reply.status == 429 else TransientUpstream
         raise cls(SERVICE, reply.status, detail, retry_after=wait)
-    raise PermanentUpstream(SERVICE, reply.status, detail, body=_excerpt(reply.text, secrets))
+    raise PermanentUpstream(SERVICE, reply.status, detail, body=detail)
 
 
 def _json_body(reply: _Reply, secrets: Sequence[str]) -> object:
-    """Decode a 2xx body as JSON; HTML, truncated or empty bodies raise MalformedPayload."""
+    """Decode a 2xx body as JSON; HTML, truncated or empty bodies raise MalformedPayload.
+
+    The message describes the body without quoting it: a cut-off page of orders starts with shoppers' data.
+    """
     try:
         return json.loads(reply.text)
     except ValueError as exc:
-        raise MalformedPayload(SERVICE, reply.status, f"not JSON: {_excerpt(reply.text, secrets)}") from exc
+        reason = _excerpt(body_reason(reply.text), secrets)
+        raise MalformedPayload(SERVICE, reply.status, f"not JSON: {reason}") from exc
 
 
 async def _exchange(
@@ -281,6 +286,8 @@ class TokenManager:
     async def _load_matching(self) -> TokenRecord | None:
         """Return the vault's record if it grew from the configured seed, else None."""
         rec = await self._vault.load_whiplash_token()
+        if rec is not None:
+            _register_tokens(rec)
         if rec is not None and rec.seed_fingerprint != self._seed:
             log.info("whiplash stored token ignored reason=configured_credentials_changed")
             return None
@@ -313,6 +320,7 @@ class TokenManager:
             raise AuthFailed(SERVICE, reply.status, f"token endpoint: {error_detail(reply.text, secrets)}")
         _raise_for_status(reply, secrets, self._clock())
         rec = self._record_from(_json_body(reply, secrets), spent)
+        _register_tokens(rec)
         failpoints.hit("during_token_refresh")
         # Doorkeeper revokes the spent refresh token when the new access token is first used. Saving
         # before anyone can use it means a crash leaves either the old chain (still valid) or the new
@@ -332,6 +340,13 @@ class TokenManager:
         rotated = data.get("refresh_token")
         refresh = rotated if isinstance(rotated, str) and rotated else spent
         return TokenRecord(str(data["access_token"]), expires_at, refresh, self._seed)
+
+
+def _register_tokens(rec: TokenRecord) -> None:
+    """Have every log line mask these tokens from now on, before anything could print them."""
+    logs.register_secret(rec.access_token)
+    if rec.refresh_token:
+        logs.register_secret(rec.refresh_token)
 
 
 # --- retry policy -------------------------------------------------------------------------------------
@@ -361,9 +376,9 @@ def retry_waits(*, factor: float, cap: float, budget: float) -> Generator[float,
 
 
 def _log_backoff(details: Details) -> None:
-    """Log one retry in key=value form (the exception text is already secret-free)."""
+    """Log one retry at DEBUG (outages are summarised by the poller); the exception text is secret-free."""
     exc = details.get("exception")
-    log.warning(
+    log.debug(
         "whiplash retry customer=%s tries=%d wait=%.2f error=%s",
         details["args"][0] if details["args"] else "-",
         details["tries"],
@@ -563,8 +578,7 @@ class WhiplashClient:
         _raise_for_status(reply, secrets, time.time())
         data = _json_body(reply, secrets)
         if not isinstance(data, list):
-            excerpt = _excerpt(reply.text, secrets)
-            raise MalformedPayload(SERVICE, reply.status, f"expected a JSON array: {excerpt}")
+            raise MalformedPayload(SERVICE, reply.status, f"expected a JSON array, got a JSON {type(data).__name__}")
         return data
 
     async def _send(self, token: str, customer_id: int, params: Mapping[str, str]) -> _Reply:

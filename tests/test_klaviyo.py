@@ -33,6 +33,7 @@ from klaviyo_bridge.klaviyo import (
     event_body,
     list_body,
     list_members_body,
+    parse_import_job,
     profile_body,
     response_error,
 )
@@ -205,11 +206,19 @@ def test_permanent_error_keeps_body_up_to_4000_chars() -> None:
     assert error.detail == "invalid: bad"
 
 
-def test_non_json_error_detail_is_an_excerpt() -> None:
+def test_non_json_error_detail_names_the_page_without_echoing_it() -> None:
     error = response_error(502, {}, "<html>\n<h1>Bad   gateway</h1></html>")
 
     assert error is not None
-    assert error.detail == "<html> <h1>Bad gateway</h1></html>"
+    assert error.detail == 'HTML page "Bad gateway" (36 bytes)'
+
+
+def test_unreadable_2xx_body_is_described_not_quoted() -> None:
+    """A cut-off 2xx body starts with a shopper's profile: the error says what it is, never what it holds."""
+    with pytest.raises(MalformedPayload) as info:
+        parse_import_job(200, '{"data":{"type":"profile","attributes":{"email":"ann@example.com"')
+    assert "ann" not in str(info.value)
+    assert "invalid or truncated JSON" in str(info.value)
 
 
 # --- methods: exact requests --------------------------------------------------------------------------

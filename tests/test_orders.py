@@ -456,8 +456,20 @@ def test_order_key_and_id(obj: object, key: tuple[datetime, int] | None, order_i
     assert order_id_of(obj) == order_id
 
 
-def test_excerpt_is_compact_json_cut_to_limit() -> None:
-    exc = malformed(raw(status=None, notes="x" * 1000))
+def test_excerpt_quotes_identity_and_status_only() -> None:
+    """1. An order with a bad status. Result: the excerpt is compact JSON of its id, customer, status and time;
+    nothing of the shopper (name, email, address, items) appears."""
+    exc = malformed(raw(status=None, shipping_address_1="1 Main St", notes="x" * 1000))
+    assert exc.excerpt == (
+        '{"id":12345,"customer_id":77,"status":null,"status_name":"Shipped",'
+        '"updated_at":"2026-03-13T11:39:21.000-04:00"}'
+    )
+    for personal in ("ann", "Ann", "Lee", "Main St", "T-shirt", "xxx"):
+        assert personal not in exc.excerpt
+
+
+def test_excerpt_is_cut_to_limit() -> None:
+    exc = malformed(raw(status=None, status_name="x" * 1000))
     assert exc.excerpt.startswith('{"id":12345,"customer_id":77,"status":null,')
     assert len(exc.excerpt) <= EXCERPT_CHARS
     assert exc.excerpt.endswith("…")
