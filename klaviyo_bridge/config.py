@@ -7,6 +7,12 @@ Invariants kept here:
   (a literal secret is never echoed either, only reported as a warning).
 - The TOML file is the only source of settings (no hidden environment overrides); the environment is
   consulted solely to resolve ``env:`` and ``credential:`` secret references.
+- Secrets are resolved only for commands that talk to an API (``resolve_secrets=True``), and then only for
+  the Whiplash application and the *enabled* customers: ``status`` and ``dead-letters`` read the config
+  and the state DB with no secret at hand, and a disabled customer's missing credential blocks nothing.
+- For the daemon and what talks to APIs (``load_or_report(resolve_secrets=True)``) the state DB's folder must
+  exist and be writable: the bridge never creates folders, so a mistyped ``state_path`` is a config error (exit 78)
+  rather than a fresh database that would re-send every order's history.
 - Every Whiplash status code maps to at most one event; metric names are pairwise distinct;
   customer ids are unique.
 """
@@ -17,14 +23,16 @@ import json
 import os
 import re
 import stat
+import sys
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
+from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
     AllowInfNan,
@@ -39,6 +47,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from klaviyo_bridge import logs
 from klaviyo_bridge.core import EventKind, Rules
 from klaviyo_bridge.errors import ConfigError
 
@@ -123,14 +132,13 @@ def _revision(value: str) -> str:
     return value
 
 
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-
-
 def _email(value: str) -> str:
-    """Accept something shaped like an email address."""
-    if len(value) > 254 or not _EMAIL.fullmatch(value):
-        raise _fail(f"must be an email address (got {_quote(value)})")
-    return value
+    """Accept an email address valid by syntax (the same check orders' emails get; no DNS)."""
+    try:
+        validate_email(value.strip(), check_deliverability=False)
+    except EmailNotValidError:
+        raise _fail(f"must be an email address (got {_quote(value)})") from None
+    return value.strip().lower()
 
 
 def _metric_name(value: str) -> str:
@@ -378,6 +386,12 @@ class LoadedConfig:
     settings: Settings
     warnings: tuple[str, ...]
 
+    def secret_values(self) -> list[str]:
+        """Return every resolved secret value, for the log redactor (references that were not resolved too)."""
+        s = self.settings
+        values = [s.whiplash.client_secret, s.whiplash.refresh_token, *(c.klaviyo_api_key for c in s.customers)]
+        return [v.get_secret_value() for v in values if v is not None]
+
 
 # --- loading ------------------------------------------------------------------------------------------------
 
@@ -388,17 +402,68 @@ def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
     return Path(env.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:
-    """Read, resolve and validate the config at ``path``; raise ConfigError listing every problem."""
+def load_config(
+    path: Path,
+    environ: Mapping[str, str] | None = None,
+    *,
+    resolve_secrets: bool = True,
+    check_state_folder: bool = False,
+    today: date | None = None,
+) -> LoadedConfig:
+    """Read, resolve and validate the config at ``path``; raise ConfigError listing every problem.
+
+    ``resolve_secrets=False`` (commands that only read the config and the state DB) leaves every secret
+    reference unresolved; ``check_state_folder`` (the daemon and what else writes state) requires the state
+    DB's folder to exist and be writable.
+    """
     env = os.environ if environ is None else environ
     raw = _read_toml(path)
-    secret_problems, warnings = _resolve_secrets(raw, env)
+    secret_problems, warnings = _resolve_secrets(raw, env, resolve=resolve_secrets)
     settings, problems = _validate(raw)
     problems += secret_problems
+    if settings is not None and check_state_folder:
+        problems += _state_folder_problems(settings.bridge.state_path)
     if settings is None or problems:
         raise ConfigError([_one_line(line) for line in problems])
-    warnings += _advice(settings)
+    warnings += _advice(settings, today or datetime.now(UTC).date())
     return LoadedConfig(settings=settings, warnings=tuple(_one_line(line) for line in warnings))
+
+
+def load_or_report(
+    path: Path | None, *, resolve_secrets: bool = True, environ: Mapping[str, str] | None = None
+) -> LoadedConfig | None:
+    """Load the config (default path if None), printing each problem and warning on its own line to stderr.
+
+    With ``resolve_secrets`` (commands that talk to an API) the state folder is checked too. Returns None when
+    the config is unusable. Every resolved secret is registered with the log redactor.
+    """
+    env = os.environ if environ is None else environ
+    target = path or default_config_path(env)
+    try:
+        loaded = load_config(target, env, resolve_secrets=resolve_secrets, check_state_folder=resolve_secrets)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return None
+    for warning in loaded.warnings:
+        print(f"config warning: {warning}", file=sys.stderr)
+    for secret in loaded.secret_values():
+        logs.register_secret(secret)
+    return loaded
+
+
+def _state_folder_problems(state_path: Path) -> list[str]:
+    """Return why the state DB could not be opened for writing where ``state_path`` says (the folder is never
+    created: a mistyped path must not start a fresh database that re-sends history)."""
+    folder = state_path.parent
+    key = "bridge.state_path"
+    if not folder.is_dir():
+        return [f"{key}: folder {folder} does not exist; create it (systemd's StateDirectory= does) or fix the path"]
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return [f"{key}: folder {folder} is not writable by this user"]
+    if state_path.exists() and not (state_path.is_file() and os.access(state_path, os.R_OK | os.W_OK)):
+        return [f"{key}: {state_path} is not a readable and writable file"]
+    return []
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -434,14 +499,26 @@ def _validate(raw: dict[str, Any]) -> tuple[Settings | None, list[str]]:
     return None, [line for error in errors for line in _problem_lines(error)]
 
 
-def _advice(settings: Settings) -> list[str]:
+def _advice(settings: Settings, today: date) -> list[str]:
     """Return warnings about valid but probably unintended settings."""
+    advice: list[str] = []
     if 45 in settings.statuses.cancelled:
-        return [
+        advice.append(
             'statuses.cancelled: 45 "Closed by Originator" means the shop closed or shipped the order '
             "itself; its shoppers would get a wrong cancellation email"
-        ]
-    return []
+        )
+    if not settings.bridge.state_path.is_absolute():
+        advice.append(
+            f"bridge.state_path: {_quote(str(settings.bridge.state_path))} is relative, so it depends on the "
+            "directory the bridge is started from; use an absolute path (e.g. /var/lib/klaviyo-bridge/state.db)"
+        )
+    for index, customer in enumerate(settings.customers):
+        if customer.launch_date < today - timedelta(days=365):
+            advice.append(
+                f"customers[{index}].launch_date: {customer.launch_date} is more than a year ago; "
+                "check the year (the bridge only reads changes from launch_date - backfill_days on)"
+            )
+    return advice
 
 
 def _one_line(text: str) -> str:
@@ -460,48 +537,61 @@ class _Unresolvable(Exception):
         self.why = why
 
 
-def _secret_slots(raw: dict[str, Any]) -> Iterator[tuple[Loc, dict[str, Any], str]]:
-    """Yield (key path, table, key) for every place a secret may sit in the raw TOML."""
+def _secret_slots(raw: dict[str, Any]) -> Iterator[tuple[Loc, dict[str, Any], str, bool]]:
+    """Yield (key path, table, key, in use) for every place a secret may sit in the raw TOML.
+
+    A disabled customer's key is not in use: the daemon never calls Klaviyo for it.
+    """
     whiplash = raw.get("whiplash")
     if isinstance(whiplash, dict):
         for key in ("client_secret", "refresh_token"):
-            yield ("whiplash", key), whiplash, key
+            yield ("whiplash", key), whiplash, key, True
     customers = raw.get("customers")
     if isinstance(customers, list):
         for index, customer in enumerate(customers):
             if isinstance(customer, dict):
-                yield ("customers", index, "klaviyo_api_key"), customer, "klaviyo_api_key"
+                in_use = customer.get("enabled", True) is not False
+                yield ("customers", index, "klaviyo_api_key"), customer, "klaviyo_api_key", in_use
 
 
-def _resolve_secrets(raw: dict[str, Any], environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
+def _resolve_secrets(
+    raw: dict[str, Any], environ: Mapping[str, str], *, resolve: bool = True
+) -> tuple[list[str], list[str]]:
     """Replace secret references in ``raw`` by their values; return (problems, warnings).
 
+    Only references in use are resolved, and none unless ``resolve``; the others stay as they are.
     Non-string and empty values are left for validation to report; an unresolvable reference stays in place
     (validation accepts it, so each problem is reported once) and the whole load fails anyway.
     """
     problems: list[str] = []
     warnings: list[str] = []
-    for loc, table, key in _secret_slots(raw):
+    for loc, table, key, in_use in _secret_slots(raw):
         value = table.get(key)
         if not isinstance(value, str) or not value:
             continue
+        if _is_literal(value):
+            warnings.append(f"{_format_loc(loc)}: {_LITERAL_SECRET}")
+        if not (resolve and in_use):
+            continue
         try:
-            table[key], is_literal = _resolve(value, environ)
+            table[key] = _resolve(value, environ)
         except _Unresolvable as exc:
             problems.append(f"{_format_loc(loc)}: {exc.why}")
-            continue
-        if is_literal:
-            warnings.append(f"{_format_loc(loc)}: {_LITERAL_SECRET}")
     return problems, warnings
 
 
-def _resolve(value: str, environ: Mapping[str, str]) -> tuple[str, bool]:
-    """Return (secret, is_literal) for one configured secret string."""
-    scheme, sep, rest = value.partition(":")
-    resolver = _RESOLVERS.get(scheme) if sep else None
-    if resolver is None:
-        return _require_content(value, "the value"), True
-    return resolver(rest, environ), False
+def _is_literal(value: str) -> bool:
+    """Tell whether a configured secret is the value itself rather than a reference to it."""
+    scheme, sep, _ = value.partition(":")
+    return not (sep and scheme in _RESOLVERS)
+
+
+def _resolve(value: str, environ: Mapping[str, str]) -> str:
+    """Return the secret one configured secret string stands for."""
+    scheme, _, rest = value.partition(":")
+    if _is_literal(value):
+        return _require_content(value, "the value")
+    return _RESOLVERS[scheme](rest, environ)
 
 
 def _require_content(value: str, what: str) -> str:

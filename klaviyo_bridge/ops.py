@@ -23,21 +23,18 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from . import logs
+from .config import load_or_report
 from .errors import BridgeError, StoreError
+from .exits import CONFIG_HELP, EX_CONFIG, EX_FATAL, EX_OK, EX_TEMPFAIL, EX_USAGE
 
 if TYPE_CHECKING:
     from .config import CustomerSettings, Settings
     from .store import DeadLetter, DeadRow, Store
 
-EX_OK = 0
-EX_FATAL = 1
-EX_USAGE = 64
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
 RESYNC_LIMIT_DAYS = 14  # the backfill limit: the bridge never reads further back than this
 TOKEN_HEADROOM = timedelta(minutes=10)  # a resync must finish before the daemon renews the shared token
 EXCERPT_CHARS = 80
-CONFIG_HELP = "config file (default: $KLAVIYO_BRIDGE_CONFIG or /etc/klaviyo-bridge/config.toml)"
 PICKUP_NOTE = "the running daemon sends {} within a minute (or run `klaviyo-bridge run --once`)"
 
 
@@ -91,15 +88,17 @@ def _day(text: str) -> date:
         raise argparse.ArgumentTypeError(f"not a date like 2026-11-20: {text!r}") from None
 
 
-def _load(args: argparse.Namespace) -> Settings | None:
-    """Load the config the way every command does (problems printed), registering secrets for redaction."""
-    from .cli import load_or_report, register_secrets  # deferred: cli imports this module
+def _load(args: argparse.Namespace, *, resolve_secrets: bool = False) -> Settings | None:
+    """Load the config the way every command does (problems printed); only resync needs the secrets."""
+    loaded = load_or_report(args.config, resolve_secrets=resolve_secrets)
+    return None if loaded is None else loaded.settings
 
-    loaded = load_or_report(args.config)
-    if loaded is None:
+
+def _unknown_customer(settings: Settings, customer_id: int | None) -> int | None:
+    """Return EX_USAGE (after saying so) when ``--customer`` names no configured customer."""
+    if customer_id is None or _find_customer(settings, customer_id) is not None:
         return None
-    register_secrets(loaded)
-    return loaded.settings
+    return _fail(f"customer {customer_id} is not in the config (see `klaviyo-bridge status`)", EX_USAGE)
 
 
 def _fail(message: str, code: int = EX_FATAL) -> int:
@@ -137,6 +136,9 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
     settings = _load(args)
     if settings is None:
         return EX_CONFIG
+    unknown = _unknown_customer(settings, args.customer)
+    if unknown is not None:
+        return unknown
     try:
         rows = asyncio.run(_dead_rows(settings, args.customer))
     except StoreError as exc:
@@ -188,13 +190,18 @@ def _first_error(response: str) -> str | None:
     return summary or None
 
 
+def row_name(kind: str, key: str) -> str:
+    """Name an outbox row without personal data: an event by its unique_id, a profile by its reference."""
+    return f"profile={logs.profile_ref(key)}" if kind == "profile" else key
+
+
 def _dead_dict(row: DeadRow) -> dict[str, object]:
-    """Return one dead row as JSON-ready data."""
+    """Return one dead row as JSON-ready data (a profile named by reference: `dead-letters show` has the email)."""
     return {
         "id": row.id,
         "customer_id": row.customer_id,
         "kind": row.kind,
-        "key": row.key,
+        "key": row_name(row.kind, row.key),
         "order_id": order_id_of(row.kind, row.key),
         "status": row.status,
         "dead_at": row.dead_at.isoformat(timespec="seconds"),
@@ -219,7 +226,7 @@ def _dead_cells(row: DeadRow) -> list[str]:
         str(row.id),
         str(row.customer_id),
         row.kind,
-        row.key,
+        row_name(row.kind, row.key),
         order_id_of(row.kind, row.key) or "-",
         "-" if row.status is None else str(row.status),
         row.dead_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -269,7 +276,7 @@ def render_dead_letter(letter: DeadLetter, customer_name: str) -> str:
     facts = [
         ("customer", f"{letter.customer_id} ({customer_name})"),
         ("kind", letter.kind),
-        ("key", letter.key),
+        ("key", letter.key if letter.kind == "event" else f"{letter.key} ({row_name(letter.kind, letter.key)})"),
         ("order", order_id_of(letter.kind, letter.key) or "-"),
         ("http status", "-" if letter.status is None else str(letter.status)),
         ("attempts", str(letter.attempts)),
@@ -306,6 +313,9 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
     settings = _load(args)
     if settings is None:
         return EX_CONFIG
+    unknown = _unknown_customer(settings, args.customer)
+    if unknown is not None:
+        return unknown
     try:
         _, missing = asyncio.run(replay(settings, args.customer, ids or None, sys.stdout))
     except StoreError as exc:
@@ -358,7 +368,7 @@ def _find_customer(settings: Settings, customer_id: int) -> CustomerSettings | N
 
 def cmd_resync(args: argparse.Namespace) -> int:
     """Re-read a window of one customer's orders and queue what is missing."""
-    settings = _load(args)
+    settings = _load(args, resolve_secrets=True)
     if settings is None:
         return EX_CONFIG
     customer = _find_customer(settings, args.customer)
@@ -367,8 +377,6 @@ def cmd_resync(args: argparse.Namespace) -> int:
     refusal = resync_refusal(customer, args.since, utcnow().date())
     if refusal is not None:
         return _fail(refusal, EX_USAGE)
-    from . import logs
-
     logs.setup_logging(settings.bridge.log_level, settings.bridge.log_format)
     return asyncio.run(run_resync(settings, customer, args.since, sys.stdout))
 

@@ -5,18 +5,27 @@ Invariants:
 - every time shown is UTC, and "today" is the UTC day (the same day boundary as ``launch_date``), so the
   numbers do not depend on the time zone of the shell that asks;
 - a customer is stale when it is enabled and has not completed a poll within 3 × ``poll_interval_seconds``;
-  the daemon records a completed poll for pre-launch customers too, so stale always means "not polling".
+  the daemon records a completed poll for pre-launch customers too, so stale always means "not polling";
+- no secret is needed: the config is read without resolving any, so a monitoring job needs no API key;
+- ``check`` (``status --check``) turns the rows into one monitoring-plugins line: CRITICAL for a stalled poll
+  or a refused key, WARNING for dead letters, a queue not draining or an upstream error streak, else OK.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 from .config import CustomerSettings, Settings
+from .exits import CHECK_CRITICAL, CHECK_OK, CHECK_WARNING
 from .store import CustomerState, Store
 
 STALE_POLLS = 3  # a customer is stale after this many poll intervals without a completed poll
+# An upstream failing this long, or a row waiting this long, is worth a WARNING (shorter blips retry by themselves).
+STREAK_WARN = timedelta(minutes=5)
+QUEUE_WARN = timedelta(minutes=15)
+CHECK_NAME = "KLAVIYO-BRIDGE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +45,14 @@ class StatusRow:
     sent_total: int
     dead: int
     malformed: int
+    invalid_email: int
     key: str
+    klaviyo: str  # "ok", or how long Klaviyo has been failing for this customer
     last_error: str | None
     stale: bool
+    oldest_queued_s: float | None  # age of the oldest row still waiting
+    whiplash_failing_s: float | None  # how long this customer's polls have been failing (None: the last one worked)
+    klaviyo_failing_s: float | None  # how long its Klaviyo requests have been failing (None: not failing)
 
     def as_dict(self) -> dict[str, object]:
         """Return the row as a JSON-ready dict."""
@@ -89,6 +103,7 @@ async def _row(store: Store, customer: CustomerSettings, now: datetime, limit: t
     counts = await store.counts(cid, utc_midnight(now))
     ok = state.last_poll_ok_at
     age = round((now - ok).total_seconds(), 1) if ok else None
+    klaviyo_failing = _seconds(now, state.klaviyo_failing_since)
     return StatusRow(
         customer_id=cid,
         name=customer.name,
@@ -103,10 +118,42 @@ async def _row(store: Store, customer: CustomerSettings, now: datetime, limit: t
         sent_total=counts.sent,
         dead=counts.dead,
         malformed=counts.malformed,
+        invalid_email=counts.invalid_email,
         key="ok" if state.key_healthy else "REFUSED",
-        last_error=state.last_error or state.key_error,
+        klaviyo="ok" if klaviyo_failing is None else f"failing {age_text(klaviyo_failing)}",
+        last_error=_last_error(state),
         stale=customer.enabled and (age is None or age > limit.total_seconds()),
+        oldest_queued_s=_seconds(now, counts.oldest_queued_at) if counts.queued else None,
+        whiplash_failing_s=_whiplash_failing(state, now),
+        klaviyo_failing_s=klaviyo_failing,
     )
+
+
+def _seconds(now: datetime, since: datetime | None) -> float | None:
+    """Return whole-ish seconds from ``since`` to ``now`` (None when there is no ``since``)."""
+    return None if since is None else round(max(0.0, (now - since).total_seconds()), 1)
+
+
+def _whiplash_failing(state: CustomerState, now: datetime) -> float | None:
+    """Return how long the customer's polls have been failing, if the last one failed."""
+    if state.last_error is None or state.last_poll_at is None:
+        return None
+    if state.last_poll_ok_at is not None and state.last_poll_ok_at >= state.last_poll_at:
+        return None
+    return _seconds(now, state.last_poll_ok_at or state.last_poll_at)
+
+
+def _last_error(state: CustomerState) -> str | None:
+    """Return the most pressing error on record: a refused key, a failing poll, then the last Klaviyo failure."""
+    if not state.key_healthy and state.key_error:
+        return state.key_error
+    if state.last_error:
+        return state.last_error
+    if state.klaviyo_error and state.klaviyo_failing_since is not None:
+        return state.klaviyo_error
+    if state.klaviyo_error:
+        return f"{state.klaviyo_error} (at {_utc_text(state.klaviyo_error_at)}, since recovered)"
+    return state.key_error
 
 
 def _utc_text(at: datetime | None) -> str | None:
@@ -128,7 +175,9 @@ COLUMNS = (
     ("sent_today", "sent_today"),
     ("dead", "dead"),
     ("malformed", "malformed"),
+    ("invalid_email", "invalid_email"),
     ("key", "key"),
+    ("klaviyo", "klaviyo"),
     ("last_error", "last_error"),
 )
 
@@ -175,3 +224,72 @@ def _cell(field: str, value: object) -> str:
         return str(value).replace("+00:00", "Z")
     text = " ".join(str(value).split())  # one table line per customer, whatever the error text holds
     return text if len(text) <= 60 else text[:59] + "…"
+
+
+# --- status --check ---------------------------------------------------------------------------------------
+
+
+def check(rows: Sequence[StatusRow], settings: Settings) -> tuple[int, str]:
+    """Return (exit code, one line) in the monitoring-plugins convention for the enabled customers' rows."""
+    live = [r for r in rows if r.enabled]
+    critical = [p for r in live for p in _critical(r)]
+    warning = [p for r in live for p in _warnings(r, settings)]
+    code, word = ((CHECK_CRITICAL, "CRITICAL") if critical else (CHECK_WARNING, "WARNING") if warning
+                  else (CHECK_OK, "OK"))
+    problems = critical + warning
+    text = "; ".join(problems) if problems else _all_well(live)
+    return code, f"{CHECK_NAME} {word} - {text} | {_perfdata(live)}"
+
+
+def _critical(row: StatusRow) -> list[str]:
+    """Return what makes a customer's state CRITICAL: nothing polls it, or Klaviyo refuses its key."""
+    found = []
+    if row.stale:
+        idle = "never completed a poll" if row.poll_age_s is None else f"no poll for {age_text(row.poll_age_s)}"
+        found.append(f"customer {row.customer_id} poll stalled ({idle})")
+    if row.key != "ok":
+        found.append(f"customer {row.customer_id} Klaviyo key refused")
+    return found
+
+
+def _warnings(row: StatusRow, settings: Settings) -> list[str]:
+    """Return what makes a customer's state WARNING: dead letters, a queue not draining, an error streak."""
+    found = []
+    if row.dead:
+        found.append(f"customer {row.customer_id} {row.dead} dead letters")
+    queue_limit = max(QUEUE_WARN.total_seconds(), STALE_POLLS * settings.bridge.poll_interval_seconds)
+    if row.key == "ok" and row.oldest_queued_s is not None and row.oldest_queued_s > queue_limit:
+        found.append(f"customer {row.customer_id} queue not draining (oldest row {age_text(row.oldest_queued_s)})")
+    for upstream, failing in (("Whiplash", row.whiplash_failing_s), ("Klaviyo", row.klaviyo_failing_s)):
+        if failing is not None and failing >= STREAK_WARN.total_seconds() and not row.stale:
+            found.append(f"customer {row.customer_id} {upstream} failing for {age_text(failing)}")
+    return found
+
+
+def _all_well(rows: Sequence[StatusRow]) -> str:
+    """Summarise a healthy bridge."""
+    queued = sum(r.queued for r in rows)
+    sent = sum(r.sent_today for r in rows)
+    return f"{len(rows)} enabled customers polling, {queued} rows queued, {sent} sent today"
+
+
+def _perfdata(rows: Sequence[StatusRow]) -> str:
+    """Return the performance data Nagios/Icinga graph (no per-customer labels: names stay in the text)."""
+    values = {
+        "customers": len(rows),
+        "stalled": sum(r.stale for r in rows),
+        "key_refused": sum(r.key != "ok" for r in rows),
+        "queued": sum(r.queued for r in rows),
+        "dead": sum(r.dead for r in rows),
+        "sent_today": sum(r.sent_today for r in rows),
+    }
+    return " ".join(f"{name}={value}" for name, value in values.items())
+
+
+async def resolve_profile(settings: Settings, ref: str) -> list[tuple[int, str]]:
+    """Return (customer id, email) of the profiles a log line's ``profile=REF`` stands for."""
+    store = await Store.open(settings.bridge.state_path, readonly=True)
+    try:
+        return await store.profiles_with_ref(ref)
+    finally:
+        await store.close()

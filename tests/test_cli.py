@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from klaviyo_bridge.cli import EX_CONFIG, EX_OK, main
+from klaviyo_bridge.cli import main
+from klaviyo_bridge.exits import EX_CONFIG, EX_OK
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "pk_do_not_print_me_123456"
@@ -23,9 +24,20 @@ def creds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
-def test_check_config_accepts_the_example(creds: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """1. check-config on config.example.toml. Result: exit 0, a summary line, no secret printed."""
-    assert main(["check-config", "--config", str(REPO / "config.example.toml")]) == EX_OK
+def example_with_state_in(folder: Path) -> Path:
+    """Return a copy of config.example.toml whose state DB lives in ``folder`` (which exists)."""
+    text = (REPO / "config.example.toml").read_text()
+    patched = text.replace('"/var/lib/klaviyo-bridge/state.db"', f'"{folder / "state.db"}"')
+    assert patched != text
+    path = folder / "config.toml"
+    path.write_text(patched)
+    return path
+
+
+def test_check_config_accepts_the_example(creds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1. check-config on config.example.toml (state folder moved to a temporary one).
+    Result: exit 0, a summary line, no secret printed."""
+    assert main(["check-config", "--config", str(example_with_state_in(tmp_path))]) == EX_OK
     out = capsys.readouterr()
     assert "config ok: 2 customers (1 enabled)" in out.out
     assert SECRET not in out.out + out.err
@@ -68,16 +80,32 @@ def test_bad_config_gives_one_line_per_problem_and_exit_78(
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("config error: ")]
     paths = sorted(line.split(": ")[1].split(":")[0] for line in lines)
+    # status reads no secret, so it cannot find them missing; the others resolve them.
+    secrets = [] if command == ["status"] else ["whiplash.client_secret", "customers[0].klaviyo_api_key"]
     assert paths == sorted([
         "bridge.poll_interval_seconds",
         "bridge.colour",
-        "whiplash.client_secret",
         "klaviyo.rate_limit_share",
-        "customers[0].klaviyo_api_key",
         "customers[0].backfill_days",
+        *secrets,
     ])
     assert "Traceback" not in err
     assert "pk_literal_value_in_file" not in err
+
+
+def test_mistyped_state_folder_fails_check_config(creds: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """1. The example with state_path in a folder that does not exist. 2. check-config.
+    Result: exit 78 with one line naming bridge.state_path; the folder is not created."""
+    path = example_with_state_in(tmp_path)
+    path.write_text(path.read_text().replace(str(tmp_path / "state.db"), str(tmp_path / "typo" / "state.db")))
+    assert main(["check-config", "--config", str(path)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("config error:")] == [
+        f"config error: bridge.state_path: folder {tmp_path / 'typo'} does not exist; "
+        "create it (systemd's StateDirectory= does) or fix the path"
+    ]
+    assert not (tmp_path / "typo").exists()
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,6 +119,6 @@ def test_default_config_path_comes_from_the_environment(
     creds: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """1. KLAVIYO_BRIDGE_CONFIG points at the example; no --config. Result: it is the file checked."""
-    monkeypatch.setenv("KLAVIYO_BRIDGE_CONFIG", str(REPO / "config.example.toml"))
+    monkeypatch.setenv("KLAVIYO_BRIDGE_CONFIG", str(example_with_state_in(creds.parent)))
     assert main(["check-config"]) == EX_OK
     assert "config ok" in capsys.readouterr().out

@@ -40,6 +40,7 @@ ENV = {"WL_SECRET": WHIPLASH_SECRET, "KEY_1234": KLAVIYO_KEY, "KEY_99": OTHER_KE
 ALL_SECRETS = (WHIPLASH_SECRET, KLAVIYO_KEY, OTHER_KEY)
 
 DROP = object()  # marks a key to remove in an override
+TODAY = date(2026, 9, 1)  # "today" for loads: the example's and the base config's launch dates are recent
 LISTEN_HINT = 'must be "host:port" with a port in 1..65535, e.g. "127.0.0.1:9464"'
 
 
@@ -121,8 +122,8 @@ def write(tmp_path: Path, overrides: Mapping[str, Any] | None = None, *, text: s
 def load(
     tmp_path: Path, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] = ENV
 ) -> LoadedConfig:
-    """Load the base config with ``overrides``."""
-    return load_config(write(tmp_path, overrides), env)
+    """Load the base config with ``overrides`` on a fixed day (launch dates stay recent, warnings stable)."""
+    return load_config(write(tmp_path, overrides), env, today=TODAY)
 
 
 def problems(
@@ -154,13 +155,14 @@ def test_example_config_loads_with_credentials(tmp_path: Path) -> None:
     }
     directory = credentials_dir(tmp_path, creds)
 
-    loaded = load_config(EXAMPLE, {"CREDENTIALS_DIRECTORY": str(directory)})
+    loaded = load_config(EXAMPLE, {"CREDENTIALS_DIRECTORY": str(directory)}, today=TODAY)
 
     s = loaded.settings
     assert loaded.warnings == ()
     assert s.bridge.state_path == Path("/var/lib/klaviyo-bridge/state.db")
     assert s.whiplash.client_secret.get_secret_value() == WHIPLASH_SECRET
-    assert [c.klaviyo_api_key.get_secret_value() for c in s.customers] == [KLAVIYO_KEY, OTHER_KEY]
+    # The disabled customer's key is never resolved: its credential need not even exist yet.
+    assert [c.klaviyo_api_key.get_secret_value() for c in s.customers] == [KLAVIYO_KEY, "credential:klaviyo-5678"]
     assert [c.whiplash_customer_id for c in s.enabled_customers()] == [1234]
     assert 45 not in s.statuses.event_by_code()
 
@@ -641,6 +643,71 @@ def secret_cases(tmp_path: Path) -> list[tuple[str, str, Mapping[str, str]]]:
         ("credential:../etc", '"credential:" needs a credential name without "/" (got "../etc")', with_creds),
         ("   ", "the value is empty", ENV),
     ]
+
+
+def test_disabled_customers_secrets_are_not_resolved(tmp_path: Path) -> None:
+    """1. A disabled customer whose key reference cannot be resolved. Result: no problem, the reference is kept
+    (it is resolved when a reload enables the customer); its literal key is still reported as a warning."""
+    loaded = load(tmp_path, {"customers": [customer(), customer(whiplash_customer_id=2, enabled=False,
+                                                                klaviyo_api_key="env:NOT_SET_ANYWHERE")]})
+    assert loaded.settings.customers[1].klaviyo_api_key.get_secret_value() == "env:NOT_SET_ANYWHERE"
+    literal = load(tmp_path, {"customers": [customer(enabled=False, klaviyo_api_key=KLAVIYO_KEY)]})
+    assert literal.warnings == (
+        "customers[0].klaviyo_api_key: literal secret in config file; use env:, file: or credential:",
+    )
+
+
+def test_without_resolving_no_secret_is_read(tmp_path: Path) -> None:
+    """1. Load with resolve_secrets=False and an empty environment (a monitoring job).
+    Result: valid settings holding the references themselves; nothing is read from env, files or credentials."""
+    loaded = load_config(write(tmp_path, {"whiplash": {"client_secret": "credential:nope"}}), {},
+                         resolve_secrets=False)
+    assert loaded.settings.whiplash.client_secret.get_secret_value() == "credential:nope"
+    assert loaded.settings.customers[0].klaviyo_api_key.get_secret_value() == "env:KEY_1234"
+
+
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        ("missing/dir/state.db", "folder {tmp}/missing/dir does not exist"),
+        ("ro/state.db", "folder {tmp}/ro is not writable by this user"),
+        ("adir/state.db", "{tmp}/adir/state.db is not a readable and writable file"),
+    ],
+)
+def test_state_folder_must_exist_and_be_writable(tmp_path: Path, where: str, why: str) -> None:
+    """1. state_path in a missing folder, a read-only folder, or naming a directory.
+    Result: one problem naming bridge.state_path; nothing is created."""
+    (tmp_path / "ro").mkdir(mode=0o500)
+    (tmp_path / "adir" / "state.db").mkdir(parents=True)
+    path = write(tmp_path, {"bridge": {"state_path": str(tmp_path / where)}})
+    if where.startswith("ro/") and os.access(tmp_path / "ro", os.W_OK):
+        (tmp_path / "ro").chmod(0o700)  # root writes anywhere: make the case the unwritable *file* instead
+        (tmp_path / "ro" / "state.db").mkdir()
+        why = "{tmp}/ro/state.db is not a readable and writable file"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV, check_state_folder=True)
+    assert info.value.problems == [f"bridge.state_path: {why.format(tmp=tmp_path)}" +
+                                   ("; create it (systemd's StateDirectory= does) or fix the path"
+                                    if "does not exist" in why else "")]
+    assert not (tmp_path / "missing").exists()
+    assert load_config(path, ENV).settings.bridge.state_path == tmp_path / where  # only checked when asked
+
+
+def test_relative_state_path_and_old_launch_warn(tmp_path: Path) -> None:
+    """1. A relative state_path and a launch date 400 days ago. Result: two warnings, each naming its key."""
+    loaded = load_config(
+        write(tmp_path, {"bridge": {"state_path": "state.db"}, "customers": [customer(launch_date=date(2025, 1, 1))]}),
+        ENV, today=date(2026, 2, 5),
+    )
+    assert loaded.warnings == (
+        'bridge.state_path: "state.db" is relative, so it depends on the directory the bridge is started from; '
+        "use an absolute path (e.g. /var/lib/klaviyo-bridge/state.db)",
+        "customers[0].launch_date: 2025-01-01 is more than a year ago; check the year (the bridge only reads "
+        "changes from launch_date - backfill_days on)",
+    )
+    recent = load_config(write(tmp_path, {"customers": [customer(launch_date=date(2025, 2, 5))]}), ENV,
+                         today=date(2026, 2, 5))
+    assert recent.warnings == ()
 
 
 def test_unresolvable_secrets(tmp_path: Path) -> None:

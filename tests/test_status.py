@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from klaviyo_bridge.cli import EX_OK, EX_UNHEALTHY, main
+from klaviyo_bridge.cli import main
 from klaviyo_bridge.config import CustomerSettings
 from klaviyo_bridge.core import EventKind, EventRow, Plan
+from klaviyo_bridge.exits import EX_OK, EX_UNHEALTHY
 from klaviyo_bridge.status import age_text, phase_of, render_status, utc_midnight
 from klaviyo_bridge.store import CustomerState, Store
 
@@ -167,8 +168,8 @@ def test_age_text_and_long_errors_stay_on_one_line() -> None:
     assert [age_text(s) for s in (5, 185, 7500, 190000)] == ["5s", "3m05s", "2h05m", "2d04h"]
     from klaviyo_bridge.status import StatusRow
 
-    row = StatusRow(1, "n", True, "2026-01-01", "live", None, None, None, 0, 0, 0, 0, 0, "REFUSED",
-                    "line one\nline two " + "x" * 200, False)
+    row = StatusRow(1, "n", True, "2026-01-01", "live", None, None, None, 0, 0, 0, 0, 0, 0, "REFUSED", "ok",
+                    "line one\nline two " + "x" * 200, False, None, None, None)
     text = render_status([row])
     assert len(text.splitlines()) == 2
     assert "line one line two" in text
