@@ -144,6 +144,7 @@ class Plan:
     names: dict[str, ProfileName] = field(default_factory=dict)  # email → name now considered sent
     events: list[EventRow] = field(default_factory=list)
     skipped_no_email: int = 0
+    invalid_email: list[int] = field(default_factory=list)  # ids of changed orders whose email is not one
 
 
 # ---------------------------------------------------------------- names
@@ -227,7 +228,10 @@ def _plan_order(
     if order.email is None:
         # No profile to attach events to; remember the status so a re-read is not counted again.
         if changed:
-            plan.skipped_no_email += 1
+            if order.email_invalid:
+                plan.invalid_email.append(order.id)
+            else:
+                plan.skipped_no_email += 1
             plan.orders[order.id] = _memory(order, prev, None)
         return
     _plan_profile(plan, order.email, profile_name(order), names)

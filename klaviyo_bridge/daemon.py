@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from . import logs
 from .config import CustomerSettings, LoadedConfig, Settings, load_config
 from .errors import ConfigError
+from .health import UpstreamHealth
 from .klaviyo import KlaviyoClient
 from .metrics import Metrics, MetricsServer, NoMetrics, metrics_for, start_metrics_server
 from .ratelimit import AccountLimiter
@@ -278,6 +279,9 @@ class Daemon:
         self._seen: set[int] = set()
         self._background: list[asyncio.Task[None]] = []
         self.metrics: Metrics | NoMetrics = metrics_for(self.settings.bridge)
+        self.metrics.set_poll_interval(self.settings.bridge.poll_interval_seconds)
+        # One for the process: every customer's polls spend the same Whiplash application.
+        self.whiplash_health = UpstreamHealth("whiplash", metrics=self.metrics)
         self._metrics_server: MetricsServer | None = None
         self._reload_note = ""
 
@@ -331,6 +335,7 @@ class Daemon:
     def _klaviyo_client(self, session: aiohttp.ClientSession, customer: CustomerSettings) -> KlaviyoClient:
         """Build one customer's Klaviyo client with its own account limiter."""
         k = self.settings.klaviyo
+        cid = customer.whiplash_customer_id
         return KlaviyoClient(
             session,
             base_url=k.base_url,
@@ -338,6 +343,7 @@ class Daemon:
             api_key=customer.klaviyo_api_key,
             limiter=AccountLimiter(k.rate_limit_share),
             timeout=k.timeout_seconds,
+            on_throttled=lambda: self.metrics.throttled(cid),
         )
 
     def _build_worker(self, customer: CustomerSettings) -> CustomerWorker:
@@ -346,7 +352,8 @@ class Daemon:
         assert self._whiplash is not None, "startup() first"
         klaviyo = self._klaviyo_client(self._sessions[1], customer)
         self._seen.add(customer.whiplash_customer_id)
-        return CustomerWorker(self.settings, customer, self._store, self._whiplash, klaviyo, self.clock, self.metrics)
+        return CustomerWorker(self.settings, customer, self._store, self._whiplash, klaviyo, self.clock, self.metrics,
+                              self.whiplash_health)
 
     async def main_loop(self) -> None:
         """Run every worker (in ``once`` mode a single pass each); reload on SIGHUP until stopped."""
@@ -442,12 +449,14 @@ class Daemon:
         """Switch to a validated configuration: logging, settings, then the customers it changes."""
         for warning in loaded.warnings:
             log.warning("config warning: %s", warning)
-        _register_secrets(loaded)
+        for secret in loaded.secret_values():
+            logs.register_secret(secret)
         old = self.settings
         self.settings, pending = effective_settings(old, loaded.settings)
         if pending:
             log.warning("config reload: changes need a restart keys=%s action=%s", ",".join(pending),
                         "systemctl restart klaviyo-bridge; until then the previous values stay in effect")
+        self.metrics.set_poll_interval(self.settings.bridge.poll_interval_seconds)
         if (old.bridge.log_level, old.bridge.log_format) != (self.settings.bridge.log_level,
                                                               self.settings.bridge.log_format):
             logs.setup_logging(self.settings.bridge.log_level, self.settings.bridge.log_format)
@@ -529,8 +538,3 @@ class Daemon:
         log.info("stopped queued=%d", queued)
 
 
-def _register_secrets(loaded: LoadedConfig) -> None:
-    """Tell the log redactor about the secrets of a reloaded config."""
-    from .cli import register_secrets  # deferred: cli imports this module lazily, never at import time
-
-    register_secrets(loaded)

@@ -23,6 +23,12 @@ Routing (throughput):
   fire no flow and go out side by side with the profile lane (e.g. while an import job runs).
 - Within a lane, rows are fetched again only after every request for the previous fetch has ended, so a
   row is never in two requests at once.
+
+What reaches the log: a profile row is named ``profile=<ref>`` (``logs.profile_ref``), never by its email;
+a Klaviyo outage is summarised by ``health.UpstreamHealth`` (one line when it starts, one when it ends), the
+rows it reschedules only at DEBUG; a refused key is logged when first seen and again at most once per probe
+interval while it stays refused, so it is never quiet. Key health and the error streak are written to the
+store only when they change, never once per successful send.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from . import failpoints
-from .errors import AuthFailed, MalformedPayload, PermanentUpstream, TransientUpstream
+from . import failpoints, logs
+from .errors import AuthFailed, MalformedPayload, PermanentUpstream, TransientUpstream, UpstreamError
+from .health import UpstreamHealth
 from .klaviyo import (
     EVENT_WRAPPER_BYTES,
     MAX_BULK_EVENTS,
@@ -94,6 +102,11 @@ def order_of(row: OutboxRow) -> str:
     return "-"
 
 
+def row_ref(row: OutboxRow) -> str:
+    """Name a row in a log line: an event by ``key=<unique_id>``, a profile by ``profile=<ref>``, never its email."""
+    return f"profile={logs.profile_ref(row.key)}" if row.kind == "profile" else f"key={row.key}"
+
+
 def is_backfill(payload: dict[str, Any]) -> bool:
     """Tell whether a stored event payload is history (recorded with ``backfill``, firing no flow)."""
     return payload.get("backfill") is True
@@ -137,6 +150,9 @@ class Deliverer:
         bulk_profiles_min: int = BULK_PROFILES_MIN,
         event_fetch: int = EVENT_FETCH,
         profile_fetch: int = PROFILE_FETCH,
+        health: UpstreamHealth | None = None,
+        key_probe_seconds: float = 300.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.customer_id = customer_id
         self.store = store
@@ -150,6 +166,13 @@ class Deliverer:
         self.profile_fetch = profile_fetch
         self.stats = DeliveryStats()
         self.key_refused = False
+        self.health = health if health is not None else UpstreamHealth("klaviyo")
+        self.key_probe_seconds = key_probe_seconds
+        self._monotonic = monotonic
+        # What the store says, once read: writes happen only when these change (None: not read yet).
+        self._key_healthy: bool | None = None
+        self._streak_on_record: bool | None = None
+        self._refusal_logged_at: float | None = None
 
     async def deliver_due(self) -> int:
         """Send every row due now (live events after the profiles); return how many rows were attempted."""
@@ -304,8 +327,9 @@ class Deliverer:
         await self.on_sent_many(imported)
         for failure in outcome.unmapped():
             log.warning(
-                "klaviyo import error not tied to a profile sent customer=%s job=%s email=%s detail=%s",
-                self.customer_id, outcome.job.id, failure.email, failure.detail,
+                "klaviyo import error not tied to a profile sent customer=%s job=%s profile=%s detail=%s",
+                self.customer_id, outcome.job.id, logs.profile_ref(failure.email) if failure.email else "-",
+                failure.detail,
             )
 
     async def on_import_failed(self, row: OutboxRow, failure: ImportFailure) -> None:
@@ -313,8 +337,8 @@ class Deliverer:
         await self.store.mark_dead(row, self.clock(), None, failure.raw)
         self.stats.dead += 1
         log.error(
-            "klaviyo import job refused profile customer=%s key=%s detail=%s action=%s",
-            self.customer_id, row.key, failure.detail,
+            "klaviyo import job refused profile customer=%s %s detail=%s action=%s",
+            self.customer_id, row_ref(row), failure.detail,
             "inspect with `klaviyo-bridge dead-letters show`, fix the cause, then replay",
         )
 
@@ -349,7 +373,7 @@ class Deliverer:
             failpoints.hit("after_send_before_mark")
             await self.store.mark_sent(row, self.clock(), profile_id)
             self.stats.sent += 1
-            await self.on_key_accepted()
+            await self.on_accepted()
 
     async def _send(self, row: OutboxRow) -> str | None:
         """Perform the Klaviyo call for one row; return the profile id for profile rows."""
@@ -369,9 +393,13 @@ class Deliverer:
             except AuthFailed as exc:
                 await self.on_key_refused(exc)
                 return
-            except (TransientUpstream, PermanentUpstream) as exc:
+            except TransientUpstream as exc:
                 # Membership stays pending in the store and is retried with the next batch.
-                log.warning("list add failed customer=%s profiles=%d error=%s", self.customer_id, len(ids), exc)
+                await self.record_failure(exc)
+                return
+            except PermanentUpstream as exc:
+                log.warning("list add refused customer=%s profiles=%d error=%s action=%s", self.customer_id,
+                            len(ids), exc, "retried with the next batch; if it persists check the list still exists")
                 return
             await self.store.mark_on_list(self.customer_id, ids)
 
@@ -384,7 +412,7 @@ class Deliverer:
         failpoints.hit("after_send_before_mark")
         await self.store.mark_sent_many(rows, self.clock())
         self.stats.sent += len(rows)
-        await self.on_key_accepted()
+        await self.on_accepted()
 
     async def on_transient_many(self, rows: Sequence[OutboxRow], exc: TransientUpstream | MalformedPayload) -> None:
         """Reschedule every row of a bulk request that failed in a way that may pass."""
@@ -396,39 +424,69 @@ class Deliverer:
         now = self.clock()
         await self.store.mark_retry_many(rows, now, now + delay, str(exc), exc.status)
         self.stats.retried += len(rows)
-        log.warning(
+        log.debug(
             "klaviyo bulk send will be retried customer=%s kind=%s rows=%d in_s=%d error=%s",
             self.customer_id, rows[0].kind, len(rows), delay.total_seconds(), exc,
         )
+        await self.record_failure(exc)
 
     async def on_key_refused(self, exc: AuthFailed) -> None:
         """Pause this customer: its key is refused, and every further send would be too."""
         self.key_refused = True
-        if await self.store.set_key_health(self.customer_id, False, str(exc), self.clock()):
-            log.error(
-                "klaviyo key refused customer=%s status=%s detail=%s action=%s",
-                self.customer_id,
-                exc.status,
-                exc.detail,
-                "check the customer's private key and its scopes (events:write profiles:write lists:read "
-                "lists:write); rows stay queued and go out once the key works",
-            )
+        newly = await self._set_key_health(False, str(exc))
+        now = self._monotonic()
+        if not newly and self._refusal_logged_at is not None and \
+                now - self._refusal_logged_at < 0.9 * self.key_probe_seconds:
+            return  # several sends of one probe round saw the same 401: one line per probe interval
+        self._refusal_logged_at = now
+        log.log(
+            logging.ERROR if newly else logging.WARNING,
+            "klaviyo key %s customer=%s status=%s detail=%s action=%s",
+            "refused" if newly else "still refused", self.customer_id, exc.status, exc.detail,
+            "check the customer's private key and its scopes (events:write profiles:write lists:read "
+            f"lists:write); rows stay queued and go out once the key works (probed every "
+            f"{self.key_probe_seconds:.0f}s)",
+        )
 
-    async def on_key_accepted(self) -> None:
-        """Record that the key works again, logging the recovery once."""
-        if await self.store.set_key_health(self.customer_id, True, None, self.clock()):
+    async def on_accepted(self) -> None:
+        """Record that Klaviyo accepted a request: the key works and any outage of this account is over."""
+        self._refusal_logged_at = None
+        if await self._set_key_health(True, None):
             log.info("klaviyo key accepted again customer=%s", self.customer_id)
+        self.health.succeeded(self.customer_id)
+        if self._streak_on_record is None:
+            self._streak_on_record = (await self.store.customer_state(self.customer_id)).klaviyo_failing_since \
+                is not None
+        if self._streak_on_record:
+            await self.store.clear_klaviyo_streak(self.customer_id)
+            self._streak_on_record = False
+
+    async def _set_key_health(self, healthy: bool, error: str | None) -> bool:
+        """Record the key's health when it differs from what the store holds; return True if it changed."""
+        if self._key_healthy is None:
+            self._key_healthy = (await self.store.customer_state(self.customer_id)).key_healthy
+        if self._key_healthy == healthy:
+            return False
+        await self.store.set_key_health(self.customer_id, healthy, error, self.clock())
+        self._key_healthy = healthy
+        return True
+
+    async def record_failure(self, exc: UpstreamError) -> None:
+        """Count a failed Klaviyo request: the outage summary, and the error streak ``status`` shows."""
+        self.health.failed(self.customer_id, exc)
+        await self.store.record_klaviyo_error(self.customer_id, str(exc), self.clock())
+        self._streak_on_record = True
 
     async def on_refused(self, row: OutboxRow, exc: PermanentUpstream) -> None:
         """Dead-letter a row Klaviyo refused for what it is; the queue moves on."""
         await self.store.mark_dead(row, self.clock(), exc.status, exc.body or exc.detail)
         self.stats.dead += 1
         log.error(
-            "klaviyo refused row customer=%s order=%s kind=%s key=%s status=%s detail=%s action=%s",
+            "klaviyo refused row customer=%s order=%s kind=%s %s status=%s detail=%s action=%s",
             self.customer_id,
             order_of(row),
             row.kind,
-            row.key,
+            row_ref(row),
             exc.status,
             exc.detail,
             "inspect with `klaviyo-bridge dead-letters show`, fix the cause, then replay",
@@ -442,11 +500,8 @@ class Deliverer:
         now = self.clock()
         await self.store.mark_retry(row, now, now + delay, str(exc), exc.status)
         self.stats.retried += 1
-        log.warning(
-            "klaviyo send will be retried customer=%s order=%s key=%s in_s=%d error=%s",
-            self.customer_id,
-            order_of(row),
-            row.key,
-            delay.total_seconds(),
-            exc,
+        log.debug(
+            "klaviyo send will be retried customer=%s order=%s %s in_s=%d error=%s",
+            self.customer_id, order_of(row), row_ref(row), delay.total_seconds(), exc,
         )
+        await self.record_failure(exc)

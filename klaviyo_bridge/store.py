@@ -28,7 +28,10 @@ Invariants kept here:
 - datetimes are stored as UTC ISO-8601 text with microseconds, so text order is time order;
 - payloads are canonical JSON (sorted keys, no spaces), written once and never re-rendered;
 - a file that is not SQLite, fails ``quick_check`` or has a newer schema is refused, never recreated:
-  starting from an empty database would re-send every order's history.
+  starting from an empty database would re-send every order's history; a missing file is created (one
+  WARNING says what that implies), a missing folder never is: a mistyped path must not start from scratch;
+- the database holds a random key (``meta.profile_ref_key``, made once by migration v3) under which log
+  lines name profiles instead of emails (``logs.profile_ref``); it is registered with the logs when opened.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from typing import Final, Literal, TypeVar, cast
 
 import aiosqlite
 
-from . import failpoints
+from . import failpoints, logs
 from .core import EventKind, EventRow, NameSource, OrderMemory, Plan, ProfileChange, ProfileName
 from .errors import MalformedOrder, StoreError
 
@@ -95,6 +98,10 @@ class CustomerState:
     last_poll_ok_at: datetime | None = None
     last_error: str | None = None
     reconciled_at: datetime | None = None  # when the last reconcile sweep completed
+    klaviyo_error: str | None = None  # the last Klaviyo failure while it lasts (cleared by a success)
+    klaviyo_error_at: datetime | None = None
+    klaviyo_failing_since: datetime | None = None  # first failure of the current streak
+    dropped_rows: int = 0  # queued rows dropped because their event was disabled for this customer
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,8 @@ class Counts:
     sent_since: int
     dead: int
     malformed: int
+    invalid_email: int = 0  # orders whose email is not an address: no profile, no event
+    oldest_queued_at: datetime | None = None  # when the oldest row still waiting was queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +236,25 @@ async def _migrate_v2(db: aiosqlite.Connection) -> None:
     await db.execute("ALTER TABLE customers ADD COLUMN reconciled_at TEXT")
 
 
+async def _migrate_v3(db: aiosqlite.Connection) -> None:
+    """Add the profile-reference key, Klaviyo error streaks, dropped-row counts and invalid-email orders."""
+    await db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID")
+    await db.execute("INSERT INTO meta (name, value) VALUES ('profile_ref_key', randomblob(32))")
+    for column in ("klaviyo_error TEXT", "klaviyo_error_at TEXT", "klaviyo_failing_since TEXT",
+                   "dropped_rows INTEGER NOT NULL DEFAULT 0"):
+        await db.execute(f"ALTER TABLE customers ADD COLUMN {column}")
+    await db.execute(
+        """CREATE TABLE invalid_emails (
+            customer_id INTEGER NOT NULL REFERENCES customers (customer_id),
+            order_id INTEGER NOT NULL,
+            first_seen TEXT NOT NULL,
+            PRIMARY KEY (customer_id, order_id)
+        ) WITHOUT ROWID"""
+    )
+
+
 # Append-only: entry i migrates user_version i to i + 1. Never edit a released migration.
-_MIGRATIONS: Final[tuple[Migration, ...]] = (_migrate_v1, _migrate_v2)
+_MIGRATIONS: Final[tuple[Migration, ...]] = (_migrate_v1, _migrate_v2, _migrate_v3)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
@@ -387,6 +413,14 @@ async def _transaction(db: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Conn
         raise
 
 
+async def _profile_key(db: aiosqlite.Connection) -> bytes:
+    """Return the key under which log lines name profiles (made once, by migration v3)."""
+    row = await _one(db, "SELECT value FROM meta WHERE name = 'profile_ref_key'")
+    if row is None:
+        raise StoreError("state database lacks its profile reference key (meta.profile_ref_key)")
+    return bytes(row[0])
+
+
 async def _user_version(db: aiosqlite.Connection) -> int:
     """Return the schema version recorded in the database header."""
     row = await _one(db, "PRAGMA user_version")
@@ -397,18 +431,32 @@ async def _user_version(db: aiosqlite.Connection) -> int:
 # Opening: checks, pragmas, migrations
 
 
-def _create_private_file(path: Path) -> None:
-    """Create the parent directory and, if missing, an empty owner-only database file."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _create_private_file(path: Path) -> bool:
+    """Create an empty owner-only database file if there is none; return True if it was created.
+
+    The folder must exist: a missing one means a mistyped path, and a fresh database there would re-send
+    every order's history. (systemd's StateDirectory= creates the real one.)
+    """
+    if not path.parent.is_dir():
+        raise StoreError(f"cannot open state database {path}: folder {path.parent} does not exist; the bridge never "
+                         "creates it (check bridge.state_path; under systemd StateDirectory= creates it)")
     # The DB holds the Whiplash refresh token; SQLite gives -wal/-shm the same mode as this file.
-    with suppress(FileExistsError):
+    try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _target(path: Path, readonly: bool) -> str:
     """Return what to hand sqlite3.connect: a read-only URI, or the path of a file that now exists."""
     if not readonly:
-        _create_private_file(path)
+        if _create_private_file(path):
+            log.warning(
+                "new state database path=%s: nothing was sent before as far as the bridge knows, so every enabled "
+                "customer starts from its backfill window (launch_date - backfill_days) action=%s", path,
+                "none on a first start; otherwise stop the bridge and restore the state DB from its backup",
+            )
         return str(path)
     if not path.is_file():
         raise StoreError(f"no state database at {path}")
@@ -645,6 +693,24 @@ async def _record_malformed(
     )
 
 
+async def _record_invalid_emails(
+    db: aiosqlite.Connection, customer_id: int, flags: Mapping[int, bool], now: datetime
+) -> None:
+    """List orders read with an invalid email; forget those read with a valid (or no) email since."""
+    stamp = _iso(now)
+    await _run_many(
+        db,
+        """INSERT INTO invalid_emails (customer_id, order_id, first_seen) VALUES (?, ?, ?)
+           ON CONFLICT (customer_id, order_id) DO NOTHING""",
+        [(customer_id, oid, stamp) for oid, bad in flags.items() if bad],
+    )
+    await _run_many(
+        db,
+        "DELETE FROM invalid_emails WHERE customer_id = ? AND order_id = ?",
+        [(customer_id, oid) for oid, bad in flags.items() if not bad],
+    )
+
+
 async def _set_cursor(db: aiosqlite.Connection, customer_id: int, cursor: tuple[datetime, int]) -> None:
     """Move the customer's cursor."""
     await db.execute(
@@ -710,6 +776,10 @@ def _customer_state(customer_id: int, row: sqlite3.Row | None) -> CustomerState:
         last_poll_ok_at=_opt_dt(row["last_poll_ok_at"]),
         last_error=_opt_str(row["last_error"]),
         reconciled_at=_opt_dt(row["reconciled_at"]),
+        klaviyo_error=_opt_str(row["klaviyo_error"]),
+        klaviyo_error_at=_opt_dt(row["klaviyo_error_at"]),
+        klaviyo_failing_since=_opt_dt(row["klaviyo_failing_since"]),
+        dropped_rows=int(row["dropped_rows"]),
     )
 
 
@@ -741,10 +811,11 @@ def _dead_filter(customer_id: int | None, ids: Sequence[int] | None) -> tuple[st
 class Store:
     """The bridge's SQLite state, behind one serialised writer connection."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, readonly: bool) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, readonly: bool, profile_key: bytes) -> None:
         self._db = db
         self._path = path
         self._readonly = readonly
+        self.profile_key = profile_key  # names profiles in logs (logs.profile_ref); never leaves the DB otherwise
         # aiosqlite serialises statements, not transactions: without this lock two customer tasks would
         # interleave statements inside each other's BEGIN ... COMMIT on the shared connection.
         self._lock = asyncio.Lock()
@@ -764,10 +835,12 @@ class Store:
             else:
                 await _configure_writer(db, path)
                 await _migrate(db, path)
+            key = await _profile_key(db)
         except BaseException:
             await db.close()
             raise
-        return cls(db, path, readonly)
+        logs.register_profile_key(key)
+        return cls(db, path, readonly, key)
 
     @classmethod
     async def open_readonly(cls, path: Path) -> Store:
@@ -855,6 +928,24 @@ class Store:
                 (stamp, ok, stamp, ok, _clip(error), customer_id),
             )
 
+    async def record_klaviyo_error(self, customer_id: int, error: str, now: datetime) -> None:
+        """Record a Klaviyo failure of the customer; the streak starts at the first one since a success."""
+        stamp = _iso(now)
+        async with self._write() as db:
+            await _ensure_customer(db, customer_id)
+            await db.execute(
+                """UPDATE customers SET klaviyo_error = ?, klaviyo_error_at = ?,
+                     klaviyo_failing_since = coalesce(klaviyo_failing_since, ?)
+                   WHERE customer_id = ?""",
+                (_clip(error), stamp, stamp, customer_id),
+            )
+
+    async def clear_klaviyo_streak(self, customer_id: int) -> None:
+        """End the customer's Klaviyo failure streak (the last error stays on record for ``status``)."""
+        async with self._write() as db:
+            await db.execute("UPDATE customers SET klaviyo_failing_since = NULL WHERE customer_id = ?",
+                             (customer_id,))
+
     async def record_reconcile(self, customer_id: int, now: datetime) -> None:
         """Record that a reconcile sweep of the customer completed at ``now``."""
         async with self._write() as db:
@@ -930,12 +1021,15 @@ class Store:
         now: datetime,
         *,
         status_at: Mapping[int, datetime] | None = None,
+        email_invalid: Mapping[int, bool] | None = None,
     ) -> int:
         """Commit one page's memory, names, outbox rows, malformed orders and cursor atomically.
 
         ``status_at`` gives when each order's status was set (its ``updated_at``); orders missing from it
-        count as set ``now``. Returns how many outbox rows became pending that were not: new rows, plus sent
-        or dead profile rows queued again. Replacing the payload of a still-pending profile row does not count.
+        count as set ``now``. ``email_invalid`` says, per order read, whether its email is invalid (it is then
+        listed for ``status`` until a later read finds a valid one). Returns how many outbox rows became pending
+        that were not: new rows, plus sent or dead profile rows queued again. Replacing the payload of a
+        still-pending profile row does not count.
         """
         # A queued profile's name counts as sent unless plan.names says otherwise.
         names = {p.email: p.name for p in plan.profiles} | plan.names
@@ -949,6 +1043,7 @@ class Store:
             queued += await _queue_events(db, customer_id, plan.events, now)
             await _clear_malformed(db, customer_id, plan.orders)
             await _record_malformed(db, customer_id, malformed, now)
+            await _record_invalid_emails(db, customer_id, email_invalid or {}, now)
             if cursor is not None:
                 await _set_cursor(db, customer_id, cursor)
             failpoints.hit("during_cursor_update")
@@ -1091,18 +1186,39 @@ class Store:
     # -- reporting -----------------------------------------------------------------------------------------
 
     async def counts(self, customer_id: int, since: datetime) -> Counts:
-        """Count the customer's queued, sent (total, since ``since``) and dead rows and malformed orders."""
+        """Count the customer's queued, sent (total, since ``since``) and dead rows, malformed orders and
+        orders with an invalid email; say when the oldest row still waiting was queued."""
         async with self._read() as db:
             row = await _one(
                 db,
                 f"""SELECT coalesce(sum({_PENDING}), 0), coalesce(sum(sent_at IS NOT NULL), 0),
-                      coalesce(sum(sent_at >= ?), 0), coalesce(sum(dead_at IS NOT NULL), 0)
+                      coalesce(sum(sent_at >= ?), 0), coalesce(sum(dead_at IS NOT NULL), 0),
+                      min(CASE WHEN {_PENDING} THEN created_at END)
                     FROM outbox WHERE customer_id = ?""",
                 (_iso(since), customer_id),
             )
-            bad = await _one(db, "SELECT count(*) FROM malformed WHERE customer_id = ?", (customer_id,))
-        q, s, ss, d = (0, 0, 0, 0) if row is None else (int(v) for v in row)
-        return Counts(queued=q, sent=s, sent_since=ss, dead=d, malformed=0 if bad is None else int(bad[0]))
+            bad = await _one(
+                db,
+                """SELECT (SELECT count(*) FROM malformed WHERE customer_id = ?),
+                          (SELECT count(*) FROM invalid_emails WHERE customer_id = ?)""",
+                (customer_id, customer_id),
+            )
+        q, s, ss, d = (0, 0, 0, 0) if row is None else (int(v or 0) for v in tuple(row)[:4])
+        malformed, invalid = (0, 0) if bad is None else (int(bad[0]), int(bad[1]))
+        oldest = None if row is None else _opt_dt(row[4])
+        return Counts(queued=q, sent=s, sent_since=ss, dead=d, malformed=malformed, invalid_email=invalid,
+                      oldest_queued_at=oldest)
+
+    async def profiles_with_ref(self, ref: str) -> list[tuple[int, str]]:
+        """Return (customer id, email) of every known profile whose log reference is ``ref``."""
+        async with self._read() as db:
+            rows = await _all(
+                db,
+                "SELECT customer_id, email FROM profiles UNION "
+                "SELECT customer_id, key FROM outbox WHERE kind = 'profile' ORDER BY 1, 2",
+            )
+        wanted = ref.strip().lower()
+        return [(int(r[0]), str(r[1])) for r in rows if logs.keyed_ref(self.profile_key, str(r[1])) == wanted]
 
     async def integrity_ok(self) -> bool:
         """Run the full PRAGMA integrity_check and tell whether it passed."""

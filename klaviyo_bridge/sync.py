@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -55,6 +55,7 @@ class SyncStats:
     queued: int = 0  # outbox rows that became pending (events and profiles)
     already_announced: int = 0  # orders whose current milestone had been announced before
     skipped_no_email: int = 0
+    invalid_email: list[int] = field(default_factory=list)  # ids of changed orders whose email is not one
     malformed: int = 0
     lag_s: float = 0.0  # age of the newest change that produced an event, at commit time
     pages: int = 0
@@ -66,6 +67,7 @@ class SyncStats:
         self.queued += queued
         self.already_announced += already
         self.skipped_no_email += plan.skipped_no_email
+        self.invalid_email += plan.invalid_email
         self.malformed += len(page.malformed)
         if plan.events:
             newest = max(o.updated_at for o in page.orders)
@@ -100,7 +102,9 @@ async def commit_page(
     names = await store.load_names(cid, {o.email for o in page.orders if o.email})
     plan = core.plan_page(rules, page.orders, known, names, now)
     status_at = {o.id: o.updated_at for o in page.orders}
-    queued = await store.commit_page(cid, plan, cursor, page.malformed, now, status_at=status_at)
+    invalid = {o.id: o.email_invalid for o in page.orders}
+    queued = await store.commit_page(cid, plan, cursor, page.malformed, now, status_at=status_at,
+                                     email_invalid=invalid)
     return plan, queued, already_announced(rules, page.orders, known)
 
 

@@ -21,6 +21,7 @@ from . import core
 from .config import CustomerSettings, Settings
 from .delivery import Deliverer
 from .errors import AuthFailed, BridgeError, MalformedOrder, UpstreamError
+from .health import UpstreamHealth
 from .klaviyo import KlaviyoClient
 from .metrics import MetricsSink, NoMetrics
 from .store import Store
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 T = TypeVar("T")
+INVALID_EMAILS_NAMED = 20  # order ids named per cycle line about invalid emails; the rest are counted
 
 
 def utcnow() -> datetime:
@@ -55,6 +57,7 @@ class CustomerWorker:
         klaviyo: KlaviyoClient,
         clock: Clock = utcnow,
         metrics: MetricsSink | None = None,
+        whiplash_health: UpstreamHealth | None = None,
     ) -> None:
         self.settings = settings
         self.customer = customer
@@ -65,7 +68,13 @@ class CustomerWorker:
         self.klaviyo = klaviyo
         self.clock = clock
         self.metrics: MetricsSink = metrics if metrics is not None else NoMetrics()
-        self.deliverer = Deliverer(self.cid, store, klaviyo, clock=clock)
+        # One Whiplash health for the whole process (one OAuth application serves every customer).
+        self.whiplash_health = whiplash_health if whiplash_health is not None else UpstreamHealth(
+            "whiplash", metrics=self.metrics)
+        self.deliverer = Deliverer(
+            self.cid, store, klaviyo, clock=clock, health=UpstreamHealth("klaviyo", metrics=self.metrics),
+            key_probe_seconds=settings.klaviyo.key_probe_seconds,
+        )
         self.wake = asyncio.Event()
         self.setup_done = False
         self._logged_malformed: set[tuple[int | None, str]] = set()
@@ -146,14 +155,22 @@ class CustomerWorker:
             stats = await self.poll_once()
         except (BridgeError, sqlite3.Error) as exc:
             self.metrics.poll_done(self.cid, False)
-            log.error("poll failed customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
+            self._poll_failed(exc)
             await self._record_poll(False, str(exc))
             return SyncStats()
+        self.whiplash_health.succeeded(self.cid)
         self.metrics.poll_done(self.cid, True, stats.lag_s)
         await self._record_poll(True, None)
         swept = await self.reconcile_if_due()
         await self._update_gauges()
         return _combined(stats, swept)
+
+    def _poll_failed(self, exc: BaseException) -> None:
+        """Report a failed poll: Whiplash failures as part of an outage (one line when it starts), others loudly."""
+        if isinstance(exc, UpstreamError):
+            self.whiplash_health.failed(self.cid, exc)
+        else:
+            log.error("poll failed customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
 
     async def reconcile_if_due(self) -> SyncStats:
         """Re-read the orders last seen shipped when the sweep is due; failures are logged, not raised."""
@@ -161,6 +178,9 @@ class CustomerWorker:
             return SyncStats()
         try:
             return await self._reconcile(self.clock())
+        except UpstreamError as exc:
+            self.whiplash_health.failed(self.cid, exc)
+            return SyncStats()
         except (BridgeError, sqlite3.Error) as exc:
             log.error("reconcile failed customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
             return SyncStats()
@@ -193,30 +213,39 @@ class CustomerWorker:
         """Refresh the queued and dead-letter gauges (only when metrics are served: it costs a count)."""
         if not self.metrics.enabled:
             return
-        counts = await self.store.counts(self.cid, self.clock())
+        now = self.clock()
+        counts = await self.store.counts(self.cid, now)
         self.metrics.set_queued(self.cid, counts.queued)
         self.metrics.set_dead_letters(self.cid, counts.dead)
+        oldest = counts.oldest_queued_at
+        self.metrics.set_oldest_queued(self.cid, 0.0 if oldest is None else (now - oldest).total_seconds())
+        self.metrics.set_key_refused(self.cid, not (await self.store.customer_state(self.cid)).key_healthy)
 
     def summarise(self, stats: SyncStats) -> None:
-        """Log the per-cycle summary line if anything happened."""
+        """Log the per-cycle summary line when something was queued, sent or refused (not for re-reads)."""
         sent = self.deliverer.stats.take()
         self.metrics.sent(self.cid, sent.sent)
         self.metrics.dead(self.cid, sent.dead)
         self.metrics.retried(self.cid, sent.retried)
-        if stats.fetched or stats.queued or sent.sent or sent.dead or sent.retried:
+        if stats.invalid_email:
+            self._log_invalid_emails(stats.invalid_email)
+        if stats.queued or sent.sent or sent.dead or stats.invalid_email:
             log.info(
-                "cycle customer=%s fetched=%d queued=%d sent=%d dead=%d retried=%d no_email=%d malformed=%d "
-                "lag_s=%.1f",
-                self.cid,
-                stats.fetched,
-                stats.queued,
-                sent.sent,
-                sent.dead,
-                sent.retried,
-                stats.skipped_no_email,
-                stats.malformed,
-                stats.lag_s,
+                "cycle customer=%s orders_read=%d newly_queued=%d sent=%d dead_lettered=%d retried=%d "
+                "no_email=%d invalid_email=%d malformed=%d lag_s=%.1f",
+                self.cid, stats.fetched, stats.queued, sent.sent, sent.dead, sent.retried,
+                stats.skipped_no_email, len(stats.invalid_email), stats.malformed, stats.lag_s,
             )
+
+    def _log_invalid_emails(self, order_ids: list[int]) -> None:
+        """Name the orders whose email is not an address (nothing is sent for them)."""
+        shown = ",".join(str(oid) for oid in order_ids[:INVALID_EMAILS_NAMED])
+        more = len(order_ids) - INVALID_EMAILS_NAMED
+        log.warning(
+            "invalid email customer=%s orders=%s%s action=%s", self.cid, shown, f" (+{more} more)" if more > 0 else "",
+            "no profile and no event are sent for these orders; ask the merchant to correct the shopper's email "
+            "in Whiplash (the next change of the order is then sent)",
+        )
 
     async def deliver_cycle(self) -> None:
         """Set up if needed and send everything due; errors pause this customer only."""
@@ -227,8 +256,8 @@ class CustomerWorker:
         except AuthFailed as exc:
             await self.deliverer.on_key_refused(exc)
         except UpstreamError as exc:
-            log.warning("klaviyo set-up failed customer=%s error=%s action=%s", self.cid, exc,
-                        "retried next cycle; if it persists check Klaviyo's status page and the key's list scopes")
+            # Set-up (finding or creating the list) failed the way a send can: part of an outage, if any.
+            await self.deliverer.record_failure(exc)
         except sqlite3.Error as exc:
             log.error("delivery paused customer=%s error=%s action=%s", self.cid, exc,
                       "retried next cycle; check the state DB's disk (space, permissions, other processes "
@@ -294,6 +323,7 @@ def _combined(walk: SyncStats, sweep: SyncStats) -> SyncStats:
         queued=walk.queued + sweep.queued,
         already_announced=walk.already_announced + sweep.already_announced,
         skipped_no_email=walk.skipped_no_email + sweep.skipped_no_email,
+        invalid_email=walk.invalid_email + sweep.invalid_email,
         malformed=walk.malformed + sweep.malformed,
         lag_s=max(walk.lag_s, sweep.lag_s),
         pages=walk.pages + sweep.pages,

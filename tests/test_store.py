@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import sqlite3
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from klaviyo_bridge import logs
 from klaviyo_bridge import store as store_module
 from klaviyo_bridge.core import EventKind, EventRow, NameSource, OrderMemory, Plan, ProfileChange, ProfileName
 from klaviyo_bridge.errors import MalformedOrder, StoreError
@@ -23,7 +25,7 @@ from klaviyo_bridge.store import SCHEMA_VERSION, OutboxRow, Store, TokenRecord
 NOW = datetime(2026, 3, 2, 12, 0, 0, 123456, tzinfo=UTC)
 CID = 42
 PAGE = 4096  # SQLite's default page size
-TABLES = ("customers", "orders", "profiles", "outbox", "malformed", "whiplash_token")
+TABLES = ("customers", "orders", "profiles", "outbox", "malformed", "whiplash_token", "meta", "invalid_emails")
 
 
 def event(order_id: int, kind: EventKind, email: str = "ann@example.com", **props: Any) -> EventRow:
@@ -83,8 +85,10 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
-    """Return a database path whose parent directory does not exist yet."""
-    return tmp_path / "state" / "nested" / "bridge.db"
+    """Return a database path in an existing folder (the store never creates folders), with no file yet."""
+    path = tmp_path / "state" / "nested" / "bridge.db"
+    path.parent.mkdir(parents=True)
+    return path
 
 
 @pytest.fixture
@@ -155,7 +159,6 @@ async def test_newer_schema_is_refused(db_path: Path) -> None:
 
 
 async def test_garbage_file_is_refused_and_left_untouched(db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
     garbage = b"this is not a database, it is a grocery list\n" * 200
     write_bytes(db_path, garbage)
     error = await refused(db_path, "corrupt or not a SQLite database")
@@ -189,7 +192,6 @@ async def test_corrupted_database_is_refused(db_path: Path, corrupt: Callable[[P
 
 
 async def test_foreign_sqlite_database_is_refused(db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
     with closing(sqlite3.connect(db_path)) as raw:
         raw.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
     await refused(db_path, "not klaviyo-bridge's")
@@ -208,6 +210,27 @@ async def test_readonly_open_refuses_writes_and_missing_or_unmigrated_files(
         with pytest.raises(StoreError, match="read-only"):
             await ro.ensure_customer(CID)
         assert await ro.customer_state(CID) == store_module.CustomerState(CID)
+
+
+async def test_missing_folder_is_refused_and_never_created(tmp_path: Path) -> None:
+    """1. Open a DB in a folder that does not exist (a mistyped state_path).
+    Result: StoreError naming the folder; no folder or file is created, so history is never re-sent."""
+    target = tmp_path / "nonexistent" / "dir" / "state.db"
+    error = await refused(target, "folder .*nonexistent/dir does not exist")
+    assert "never creates" in str(error)
+    assert not (tmp_path / "nonexistent").exists()
+
+
+async def test_new_database_is_announced_once(db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """1. Open a DB that does not exist yet, then open it again.
+    Result: one WARNING at creation saying every customer starts from its backfill window; none on reopening."""
+    caplog.set_level(logging.INFO, logger="klaviyo_bridge.store")
+    await (await Store.open(db_path)).close()
+    await (await Store.open(db_path)).close()
+    created = [r for r in caplog.records if "new state database" in r.getMessage()]
+    assert len(created) == 1
+    assert created[0].levelno == logging.WARNING
+    assert "starts from its backfill window" in created[0].getMessage()
 
 
 async def test_unusable_location_is_a_store_error(tmp_path: Path) -> None:
@@ -521,14 +544,44 @@ async def test_dead_rows_and_replay(store: Store) -> None:
 
 async def test_counts(store: Store) -> None:
     events = [event(i, EventKind.SHIPPED) for i in range(1, 5)]
-    await store.commit_page(CID, plan(events=events), None, [MalformedOrder(9, "x", "y")], NOW)
+    await store.commit_page(CID, plan(events=events), None, [MalformedOrder(9, "x", "y")], NOW,
+                            email_invalid={21: True, 22: True, 23: False})
     old, recent, dead, _queued = await store.due_rows(CID, NOW, 10)
     await store.mark_sent(old, NOW - timedelta(days=2))
     await store.mark_sent(recent, NOW)
     await store.mark_dead(dead, NOW, 400, "bad")
     counts = await store.counts(CID, NOW - timedelta(days=1))
-    assert counts == store_module.Counts(queued=1, sent=2, sent_since=1, dead=1, malformed=1)
+    assert counts == store_module.Counts(queued=1, sent=2, sent_since=1, dead=1, malformed=1, invalid_email=2,
+                                         oldest_queued_at=NOW)
     assert await store.counts(CID + 1, NOW) == store_module.Counts(0, 0, 0, 0, 0)
+    # A later read of order 21 with a valid email takes it off the list; 22 stays.
+    await store.commit_page(CID, plan(), None, [], NOW, email_invalid={21: False})
+    assert (await store.counts(CID, NOW)).invalid_email == 1
+
+
+async def test_klaviyo_error_streak_starts_once_and_clears(store: Store) -> None:
+    """1. Two Klaviyo failures, then a success. Result: the streak starts at the first failure, the last error
+    is kept for status after the streak ends."""
+    await store.record_klaviyo_error(CID, "klaviyo 503: down", NOW)
+    await store.record_klaviyo_error(CID, "klaviyo 503: still down", NOW + timedelta(minutes=1))
+    state = await store.customer_state(CID)
+    assert (state.klaviyo_failing_since, state.klaviyo_error) == (NOW, "klaviyo 503: still down")
+    assert state.klaviyo_error_at == NOW + timedelta(minutes=1)
+    await store.clear_klaviyo_streak(CID)
+    state = await store.customer_state(CID)
+    assert (state.klaviyo_failing_since, state.klaviyo_error) == (None, "klaviyo 503: still down")
+
+
+async def test_profile_references_resolve_to_their_email(store: Store) -> None:
+    """1. Queue two profiles; resolve the log reference of one. Result: exactly that customer and email; the
+    reference is stable for the database's key and differs from a plain hash."""
+    await store.commit_page(CID, plan(profiles=[change("ann@example.com", "Ann"), change("bob@example.com", "Bob")]),
+                            None, [], NOW)
+    ref = logs.keyed_ref(store.profile_key, "ann@example.com")
+    assert re.fullmatch(r"[0-9a-f]{10}", ref)
+    assert logs.profile_ref("ann@example.com") == ref
+    assert await store.profiles_with_ref(ref) == [(CID, "ann@example.com")]
+    assert await store.profiles_with_ref("0000000000") == []
 
 
 # ---------------------------------------------------------------------------------------------------------

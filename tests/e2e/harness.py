@@ -103,6 +103,7 @@ class Harness:
         text = patch_example(EXAMPLE.read_text(), values)
         text += "".join(customer_block(c) for c in self.customers)
         self.config_path.write_text(text)
+        self.state_path.parent.mkdir(exist_ok=True)  # as systemd's StateDirectory= would: the bridge never does
         return self.config_path
 
     def env(self) -> dict[str, str]:

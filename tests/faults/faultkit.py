@@ -156,6 +156,7 @@ class Bridge:
     def write(self) -> Bridge:
         """Write the config file and return self."""
         self.config_path.write_text(config_text(self.state_path, self.sims, self.merchants, self.sections))
+        self.state_path.parent.mkdir(exist_ok=True)  # as systemd's StateDirectory= would: the bridge never does
         return self
 
     def env(self, failpoints: str = "") -> dict[str, str]:

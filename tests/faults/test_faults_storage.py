@@ -28,6 +28,7 @@ from faultkit import (
     Shop,
     Sims,
     assert_delivered_once,
+    config_text,
     facts,
     in_process,
     serve,
@@ -257,7 +258,7 @@ async def test_v1_database_is_migrated_with_its_data(tmp_path: Path) -> None:
     db.close()
     now = datetime.now(UTC)
     async with await Store.open(path) as store:
-        assert SCHEMA_VERSION == 2
+        assert SCHEMA_VERSION == 3
         state = await store.customer_state(7)
         assert state.cursor == (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), 99)
         assert (state.list_id, state.setup_done, state.reconciled_at) == ("LiSt01", True, None)
@@ -269,7 +270,9 @@ async def test_v1_database_is_migrated_with_its_data(tmp_path: Path) -> None:
         assert await store.orders_to_reconcile(7, [300], EventKind.DELIVERED, now - timedelta(days=30)) == [99]
         assert await store.orders_to_reconcile(7, [300], EventKind.DELIVERED, now + timedelta(minutes=1)) == []
         assert await store.integrity_ok()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+        assert len(store.profile_key) == 32  # v3: the key profile references in logs are made with
+        assert (await store.counts(7, now)).invalid_email == 0
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 async def test_corrupt_state_db_refuses_to_start_and_sends_nothing(tmp_path: Path) -> None:
@@ -300,12 +303,29 @@ async def test_corrupt_state_db_refuses_to_start_and_sends_nothing(tmp_path: Pat
 
 async def test_unusable_state_path_exits_cleanly(tmp_path: Path) -> None:
     """1. state_path names a directory. 2. Run once.
-    Result: exit 1 with 'cannot open state database', and no traceback ('Event loop is closed' included)."""
+    Result: a config error naming bridge.state_path (exit 78), nothing sent, no traceback."""
     async with serve([A]) as sims:
         bridge = Bridge(tmp_path, sims, [A]).write()
         bridge.state_path.mkdir(parents=True)
         result = await bridge.once()
-    assert result.code == 1
-    assert "cannot open state database" in result.log
+        assert sum(sum(acct.counters.requests.values()) for acct in sims.klaviyo.accounts) == 0
+    assert result.code == 78
+    assert f"config error: bridge.state_path: {bridge.state_path} is not a readable and writable file" in result.log
     assert "Traceback" not in result.log
     assert "Event loop is closed" not in result.log
+
+
+async def test_mistyped_state_folder_is_a_config_error_and_sends_nothing(tmp_path: Path) -> None:
+    """1. state_path in a folder that does not exist (a typo). 2. Run once.
+    Result: exit 78 naming bridge.state_path; no folder is created and nothing reaches either API."""
+    async with serve([A]) as sims:
+        bridge = Bridge(tmp_path, sims, [A])
+        missing = tmp_path / "nonexistent" / "dir" / "state.db"
+        bridge.config_path.write_text(config_text(missing, sims, [A], {}))
+        result = await bridge.once()
+        assert sum(sum(acct.counters.requests.values()) for acct in sims.klaviyo.accounts) == 0
+        assert sims.whiplash.counters.pages_served == 0
+    assert result.code == 78
+    assert "config error: bridge.state_path: folder" in result.log
+    assert "nonexistent/dir does not exist" in result.log
+    assert not (tmp_path / "nonexistent").exists()

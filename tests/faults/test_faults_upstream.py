@@ -87,8 +87,10 @@ async def test_whiplash_5xx_storm_between_pages_keeps_the_cursor_before_the_cut(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """1. After the first page, Whiplash answers 500, 500, 502, 502, 503, 503 (more than a page's retries).
-    2. Cycle. Result: the poll fails with one ERROR; the first page is committed, nothing after it.
-    3. Drain. Result: the walk resumes at the cut; everything is delivered once."""
+    2. Cycle. Result: the poll fails with one WARNING that the outage started; the first page is committed,
+    nothing after it. 3. Drain. Result: the walk resumes at the cut; one INFO says Whiplash recovered;
+    everything is delivered once."""
+    caplog.set_level(logging.INFO, logger="klaviyo_bridge.health")
     fake = hooked()
     async with serve([A], whiplash=fake) as sims:
         ledger = seed(sims, A)
@@ -98,11 +100,16 @@ async def test_whiplash_5xx_storm_between_pages_keeps_the_cursor_before_the_cut(
             await run.cycle()
             first_page = sorted(sims.whiplash.orders.values(), key=lambda o: (o.updated_at, o.id))[:10]
             assert set(facts(bridge.state_path).statuses[A.cid]) == {o.id for o in first_page}
-            failed = [r for r in caplog.records if r.getMessage().startswith("poll failed")]
+            failed = [r for r in caplog.records if r.getMessage().startswith("whiplash errors started")]
             assert len(failed) == 1
-            assert failed[0].levelno == logging.ERROR
+            assert failed[0].levelno == logging.WARNING
+            assert "status=503" in failed[0].getMessage()
             assert "whiplash 503" in failed[0].getMessage()
             await run.drain()
+        recovered = [r for r in caplog.records if r.getMessage().startswith("whiplash recovered")]
+        assert len(recovered) == 1
+        assert recovered[0].levelno == logging.INFO
+        assert "failed_requests=1 customers=1" in recovered[0].getMessage()
         assert_delivered_once(sims, bridge, ledger)
 
 
@@ -125,21 +132,30 @@ async def test_whiplash_429_with_and_without_retry_after(tmp_path: Path) -> None
 async def test_whiplash_unreadable_bodies_hold_the_cursor(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """1. Whiplash serves an HTML page with status 200. 2. Cycle. 3. It truncates the JSON of a page. 4. Cycle.
     5. It resets the connection mid-body (retried within the poll). 6. Drain.
-    Result: steps 2 and 4 fail the poll with the body's excerpt and commit nothing; all delivered once."""
+    Result: steps 2 and 4 fail the poll and commit nothing: one WARNING names the page (its title, not the page),
+    the second failure is part of the same outage (DEBUG), described by size, never quoted (it would start with
+    shoppers' data); after the drain one INFO says Whiplash recovered; all delivered once."""
+    caplog.set_level(logging.DEBUG, logger="klaviyo_bridge.health")
     async with serve([A]) as sims:
         ledger = seed(sims, A)
         bridge = Bridge(tmp_path, sims, [A]).write()
         async with in_process(bridge) as run:
             sims.whiplash.serve_html_next()
             await run.cycle()
-            assert "Scheduled Maintenance" in caplog.text
+            [started] = [r for r in caplog.records if r.getMessage().startswith("whiplash errors started")]
+            assert 'not JSON: HTML page "' in started.getMessage()
+            assert "Scheduled Maintenance" in started.getMessage()
+            assert "<" not in started.getMessage()
             sims.whiplash.truncate_next()
             await run.cycle()
             assert facts(bridge.state_path).statuses == {}
-            assert caplog.text.count("poll failed") == 2
+            [again] = [r for r in caplog.records if r.getMessage().startswith("whiplash error customer=")]
+            assert again.levelno == logging.DEBUG
+            assert "invalid or truncated JSON" in again.getMessage()
             sims.whiplash.drop_next()
             await run.drain()
-        assert caplog.text.count("poll failed") == 2
+        assert caplog.text.count("whiplash errors started") == 1
+        assert caplog.text.count("whiplash recovered") == 1
         assert_delivered_once(sims, bridge, ledger)
 
 

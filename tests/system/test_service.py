@@ -108,7 +108,7 @@ async def test_sigterm_lets_in_flight_sends_finish(world: World) -> None:
     await s.start()
     await s.until_notified("READY=1")
     # The poll queued A's rows; the sender is now inside its first (slow) Klaviyo calls.
-    await s.until_logged(f"cycle customer={A} fetched=1")
+    await s.until_logged(f"cycle customer={A} orders_read=1")
     assert not w.has_event(str(A), order)
     s.send(signal.SIGTERM)
     started = time.monotonic()
@@ -127,7 +127,7 @@ async def test_second_sigterm_exits_at_once(world: World) -> None:
     s.bridge["shutdown_grace_seconds"] = "30.0"
     await s.start()
     await s.until_notified("READY=1")
-    await s.until_logged(f"cycle customer={A} fetched=1")  # the sender is now stuck in Klaviyo
+    await s.until_logged(f"cycle customer={A} orders_read=1")  # the sender is now stuck in Klaviyo
     s.send(signal.SIGTERM)
     await s.until_logged("SIGTERM received")
     s.send(signal.SIGTERM)
