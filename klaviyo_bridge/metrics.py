@@ -5,7 +5,12 @@ Invariants:
 - with ``[bridge] metrics_listen`` unset the daemon gets ``NoMetrics``, whose methods do nothing, so call
   sites never check whether metrics are on;
 - recording never raises: a zero or negative count is ignored rather than tripping the Counter's check;
-- labels carry only the Whiplash customer id (no names, emails or keys), so a scrape never leaks anything.
+- labels carry only the Whiplash customer id (no names, emails or keys) and, for upstream failures, the
+  upstream's name (``whiplash`` or ``klaviyo``), so a scrape never leaks anything;
+- ``forget`` drops every series labelled with the customer, so a removed customer stops being alerted on.
+
+The alerting rules (contrib/prometheus) and the dashboard (contrib/grafana) use these names; a test checks
+that every name they use is one the running daemon exports.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "klaviyo_bridge"
 METRICS_PATH = "/metrics"
+UPSTREAMS = ("whiplash", "klaviyo")  # the values of the ``upstream`` label
 
 
 class NoMetrics:
@@ -49,6 +55,21 @@ class NoMetrics:
         """Do nothing."""
 
     def set_dead_letters(self, customer_id: int, n: int) -> None:
+        """Do nothing."""
+
+    def set_poll_interval(self, seconds: float) -> None:
+        """Do nothing."""
+
+    def set_key_refused(self, customer_id: int, refused: bool) -> None:
+        """Do nothing."""
+
+    def set_oldest_queued(self, customer_id: int, seconds: float) -> None:
+        """Do nothing."""
+
+    def upstream_error(self, upstream: str, customer_id: int, n: int = 1) -> None:
+        """Do nothing."""
+
+    def set_error_streak(self, upstream: str, customer_id: int, seconds: float) -> None:
         """Do nothing."""
 
     def forget(self, customer_id: int) -> None:
@@ -99,6 +120,20 @@ class Metrics(NoMetrics):
                           by_customer, registry=r)
         self._last_ok = Gauge(f"{PREFIX}_last_successful_poll_timestamp_seconds",
                               "Unix time of the last poll that completed.", by_customer, registry=r)
+        self._interval = Gauge(f"{PREFIX}_poll_interval_seconds",
+                               "Configured poll interval ([bridge] poll_interval_seconds).", registry=r)
+        self._key_refused = Gauge(f"{PREFIX}_klaviyo_key_refused",
+                                  "1 while Klaviyo refuses the customer's key (401/403), else 0.",
+                                  by_customer, registry=r)
+        self._oldest_queued = Gauge(f"{PREFIX}_oldest_queued_seconds",
+                                    "Age of the oldest row waiting to be sent (0 when none).", by_customer, registry=r)
+        by_upstream = ["upstream", *by_customer]
+        self._upstream_errors = Counter(f"{PREFIX}_upstream_errors", "Failed requests to an upstream API.",
+                                        by_upstream, registry=r)
+        self._error_streak = Gauge(f"{PREFIX}_upstream_error_streak_seconds",
+                                   "How long requests to the upstream have failed without a success (0: healthy).",
+                                   by_upstream, registry=r)
+        self._upstreams: set[str] = set(UPSTREAMS)  # every upstream label value used, for ``forget``
 
     def poll_done(self, customer_id: int, ok: bool, lag_s: float | None = None) -> None:
         """Count one finished poll cycle and, when given, record the poll lag."""
@@ -133,14 +168,40 @@ class Metrics(NoMetrics):
         """Record how many dead letters are waiting for ops."""
         self._dead_letters.labels(str(customer_id)).set(max(0, n))
 
+    def set_poll_interval(self, seconds: float) -> None:
+        """Record the poll interval in effect (the stalled-poll alert compares against 3 × this)."""
+        self._interval.set(_non_negative(seconds))
+
+    def set_key_refused(self, customer_id: int, refused: bool) -> None:
+        """Record whether Klaviyo currently refuses the customer's key."""
+        self._key_refused.labels(str(customer_id)).set(1 if refused else 0)
+
+    def set_oldest_queued(self, customer_id: int, seconds: float) -> None:
+        """Record the age of the customer's oldest pending row (0 when nothing waits)."""
+        self._oldest_queued.labels(str(customer_id)).set(_non_negative(seconds))
+
+    def upstream_error(self, upstream: str, customer_id: int, n: int = 1) -> None:
+        """Count failed requests to ``upstream`` (``whiplash`` or ``klaviyo``) made for a customer."""
+        if n > 0:
+            self._upstreams.add(upstream)
+            self._upstream_errors.labels(upstream, str(customer_id)).inc(n)
+
+    def set_error_streak(self, upstream: str, customer_id: int, seconds: float) -> None:
+        """Record how long ``upstream`` has failed for a customer without a success (0 once it succeeds)."""
+        self._upstreams.add(upstream)
+        self._error_streak.labels(upstream, str(customer_id)).set(_non_negative(seconds))
+
     def forget(self, customer_id: int) -> None:
         """Drop a removed customer's series so the scrape stops reporting it."""
         cid = str(customer_id)
         for outcome in ("ok", "error"):
             _remove(self._polls, cid, outcome)
         for metric in (self._sent, self._dead, self._retries, self._throttled, self._queued, self._dead_letters,
-                       self._lag, self._last_ok):
+                       self._lag, self._last_ok, self._key_refused, self._oldest_queued):
             _remove(metric, cid)
+        for upstream in self._upstreams:
+            _remove(self._upstream_errors, upstream, cid)
+            _remove(self._error_streak, upstream, cid)
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """Return the exposition body and its content type, negotiated from an Accept header."""
@@ -154,6 +215,11 @@ def _add(counter: Counter, customer_id: int, n: int) -> None:
         counter.labels(str(customer_id)).inc(n)
 
 
+def _non_negative(seconds: float) -> float:
+    """Return ``seconds``, or 0 for a negative or NaN value (a clock step back must not export nonsense)."""
+    return seconds if seconds > 0 else 0.0
+
+
 def _remove(metric: Counter | Gauge, *labels: str) -> None:
     """Remove one labelled series if it exists."""
     try:
@@ -163,8 +229,16 @@ def _remove(metric: Counter | Gauge, *labels: str) -> None:
 
 
 def metrics_for(bridge: BridgeSettings) -> Metrics | NoMetrics:
-    """Return a live ``Metrics`` when ``metrics_listen`` is set, else the no-op sink."""
-    return Metrics() if bridge.metrics_address() is not None else NoMetrics()
+    """Return a live ``Metrics`` when ``metrics_listen`` is set, else the no-op sink.
+
+    The poll interval is exported from the start: the stalled-poll alert compares against 3 × it, and a 0
+    there would page for every customer until the daemon first reported it.
+    """
+    if bridge.metrics_address() is None:
+        return NoMetrics()
+    metrics = Metrics()
+    metrics.set_poll_interval(bridge.poll_interval_seconds)
+    return metrics
 
 
 @dataclass(slots=True)

@@ -90,6 +90,76 @@ async def test_registries_are_separate_and_forget_drops_a_customer() -> None:
     assert 'customer="' not in text_b
 
 
+async def test_health_gauges_and_upstream_errors_appear_in_the_scrape() -> None:
+    """1. Poll interval 60 s; customer 7: key refused, oldest queued row 930 s old, 3 then 2 failed Klaviyo
+    requests failing for 640 s, Whiplash healthy; customer 8: key accepted, nothing queued. 2. Scrape.
+    Result: each value under its labels; the interval has no customer label."""
+    m = Metrics()
+    m.set_poll_interval(60.0)
+    m.set_key_refused(7, True)
+    m.set_key_refused(8, False)
+    m.set_oldest_queued(7, 930.0)
+    m.set_oldest_queued(8, 0.0)
+    m.upstream_error("klaviyo", 7, 3)
+    m.upstream_error("klaviyo", 7, 2)
+    m.upstream_error("whiplash", 7, 0)  # nothing failed: no series appears
+    m.set_error_streak("klaviyo", 7, 640.0)
+    m.set_error_streak("whiplash", 7, 0.0)
+    text = m.render()[0].decode()
+
+    assert re.search(r"^klaviyo_bridge_poll_interval_seconds 60\.0$", text, re.MULTILINE)
+    assert sample(text, "klaviyo_bridge_klaviyo_key_refused", customer="7") == 1
+    assert sample(text, "klaviyo_bridge_klaviyo_key_refused", customer="8") == 0
+    assert sample(text, "klaviyo_bridge_oldest_queued_seconds", customer="7") == 930
+    assert sample(text, "klaviyo_bridge_oldest_queued_seconds", customer="8") == 0
+    assert sample(text, "klaviyo_bridge_upstream_errors_total", upstream="klaviyo", customer="7") == 5
+    assert sample(text, "klaviyo_bridge_upstream_errors_total", upstream="whiplash", customer="7") is None
+    assert sample(text, "klaviyo_bridge_upstream_error_streak_seconds", upstream="klaviyo", customer="7") == 640
+    assert sample(text, "klaviyo_bridge_upstream_error_streak_seconds", upstream="whiplash", customer="7") == 0
+
+
+def test_a_key_accepted_again_and_a_recovered_upstream_read_zero() -> None:
+    """1. Customer 7's key refused, then accepted; Klaviyo failing for 900 s, then a success; a clock step back
+    gives a negative age. Result: both gauges read 0 again; nothing negative is exported."""
+    m = Metrics()
+    m.set_key_refused(7, True)
+    m.set_key_refused(7, False)
+    m.set_error_streak("klaviyo", 7, 900.0)
+    m.set_error_streak("klaviyo", 7, 0.0)
+    m.set_oldest_queued(7, -3.0)
+    m.set_poll_interval(-1.0)
+    text = m.render()[0].decode()
+    assert sample(text, "klaviyo_bridge_klaviyo_key_refused", customer="7") == 0
+    assert sample(text, "klaviyo_bridge_upstream_error_streak_seconds", upstream="klaviyo", customer="7") == 0
+    assert sample(text, "klaviyo_bridge_oldest_queued_seconds", customer="7") == 0
+    assert re.search(r"^klaviyo_bridge_poll_interval_seconds 0\.0$", text, re.MULTILINE)
+
+
+def test_forget_drops_the_health_series_of_that_customer_only() -> None:
+    """1. Customers 7 and 9 each get every per-customer series (both upstreams); forget 9.
+    Result: no series labelled customer 9 remains; 7's are untouched; the poll interval stays."""
+    m = Metrics()
+    m.set_poll_interval(30.0)
+    for cid in (7, 9):
+        m.poll_done(cid, True, 1.0)
+        m.poll_done(cid, False)
+        for record in (m.sent, m.dead, m.retried, m.throttled, m.set_queued, m.set_dead_letters):
+            record(cid, 1)
+        m.set_key_refused(cid, True)
+        m.set_oldest_queued(cid, 5.0)
+        for upstream in ("whiplash", "klaviyo"):
+            m.upstream_error(upstream, cid)
+            m.set_error_streak(upstream, cid, 12.0)
+    m.forget(9)
+    text = m.render()[0].decode()
+    assert 'customer="9"' not in text
+    assert sample(text, "klaviyo_bridge_upstream_errors_total", upstream="whiplash", customer="7") == 1
+    assert sample(text, "klaviyo_bridge_upstream_error_streak_seconds", upstream="klaviyo", customer="7") == 12
+    assert sample(text, "klaviyo_bridge_klaviyo_key_refused", customer="7") == 1
+    assert sample(text, "klaviyo_bridge_oldest_queued_seconds", customer="7") == 5
+    assert re.search(r"^klaviyo_bridge_poll_interval_seconds 30\.0$", text, re.MULTILINE)
+
+
 async def test_a_taken_port_raises_and_closing_frees_it(unused_tcp_port: int) -> None:
     """1. Serve on a port, then try to serve a second endpoint on it. Result: OSError; after close, it binds."""
     first = await start_metrics_server(Metrics(), ("127.0.0.1", unused_tcp_port))
@@ -104,11 +174,19 @@ async def test_a_taken_port_raises_and_closing_frees_it(unused_tcp_port: int) ->
 
 
 def test_metrics_are_off_unless_configured(tmp_path: Path) -> None:
-    """1. [bridge] without and with metrics_listen. Result: the no-op sink, then a live Metrics."""
+    """1. [bridge] without and with metrics_listen (poll interval 45 s).
+    Result: the no-op sink, then a live Metrics that already exports the poll interval."""
     off = metrics_for(BridgeSettings(state_path=tmp_path / "s.db"))
-    on = metrics_for(BridgeSettings(state_path=tmp_path / "s.db", metrics_listen="127.0.0.1:9464"))
+    on = metrics_for(BridgeSettings(state_path=tmp_path / "s.db", metrics_listen="127.0.0.1:9464",
+                                    poll_interval_seconds=45))
     assert isinstance(off, NoMetrics)
     assert isinstance(on, Metrics)
+    assert re.search(r"^klaviyo_bridge_poll_interval_seconds 45\.0$", on.render()[0].decode(), re.MULTILINE)
     off.poll_done(1, True, 3.0)  # every call is accepted and does nothing
     off.sent(1, 3)
+    off.set_poll_interval(60.0)
+    off.set_key_refused(1, True)
+    off.set_oldest_queued(1, 10.0)
+    off.upstream_error("klaviyo", 1)
+    off.set_error_streak("whiplash", 1, 10.0)
     off.forget(1)
