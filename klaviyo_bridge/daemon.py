@@ -279,7 +279,6 @@ class Daemon:
         self._seen: set[int] = set()
         self._background: list[asyncio.Task[None]] = []
         self.metrics: Metrics | NoMetrics = metrics_for(self.settings.bridge)
-        self.metrics.set_poll_interval(self.settings.bridge.poll_interval_seconds)
         # One for the process: every customer's polls spend the same Whiplash application.
         self.whiplash_health = UpstreamHealth("whiplash", metrics=self.metrics)
         self._metrics_server: MetricsServer | None = None

@@ -75,21 +75,6 @@ class NoMetrics:
     def forget(self, customer_id: int) -> None:
         """Do nothing."""
 
-    def set_poll_interval(self, seconds: float) -> None:
-        """Do nothing."""
-
-    def set_key_refused(self, customer_id: int, refused: bool) -> None:
-        """Do nothing."""
-
-    def set_oldest_queued(self, customer_id: int, seconds: float) -> None:
-        """Do nothing."""
-
-    def upstream_error(self, upstream: str, customer_id: int, n: int = 1) -> None:
-        """Do nothing."""
-
-    def set_error_streak(self, upstream: str, customer_id: int, seconds: float) -> None:
-        """Do nothing."""
-
 
 MetricsSink = NoMetrics  # the type call sites annotate: Metrics or the disabled NoMetrics
 

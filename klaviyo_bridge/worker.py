@@ -75,6 +75,8 @@ class CustomerWorker:
             self.cid, store, klaviyo, clock=clock, health=UpstreamHealth("klaviyo", metrics=self.metrics),
             key_probe_seconds=settings.klaviyo.key_probe_seconds,
         )
+        for upstream in ("whiplash", "klaviyo"):  # a series from the start: dashboards show 0, not "no data"
+            self.metrics.set_error_streak(upstream, self.cid, 0.0)
         self.wake = asyncio.Event()
         self.setup_done = False
         self._logged_malformed: set[tuple[int | None, str]] = set()
