@@ -229,6 +229,12 @@ class Proc(LoggedProcess):
             return await asyncio.wait_for(asyncio.shield(self.proc.wait()), seconds)
         return None
 
+    async def stop(self, limit_s: float = 30.0) -> int:
+        """SIGTERM the process (a graceful stop) and return its exit code."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await self.wait(limit_s)
+
     async def kill(self) -> int:
         """SIGKILL the process (if still up) and return its exit code."""
         if self.proc.returncode is None:
