@@ -164,10 +164,12 @@ def encode(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def filter_equals(field: str, value: str) -> str:
-    """Return a Klaviyo ``equals`` filter with the string value quoted and escaped."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'equals({field},"{escaped}")'
+def filter_any(field: str, values: Sequence[str]) -> str:
+    """Return a Klaviyo ``any`` filter whose list items are JSON strings (quotes and backslashes escaped)."""
+    # ``any`` with a list is the form get_lists' x-klaviyo-filters declares for ``name``; a single-valued
+    # ``equals(name,"…")`` is not declared there, so Klaviyo may refuse it.
+    items = ",".join(json.dumps(value, ensure_ascii=False) for value in values)
+    return f"any({field},[{items}])"
 
 
 # --- response classification --------------------------------------------------------------------------
@@ -225,6 +227,12 @@ def _document(status: int, text: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise MalformedPayload(SERVICE, status, f"not a JSON:API document: a JSON {type(doc).__name__}")
     return doc
+
+
+def _list_name(resource: object) -> object:
+    """Return ``resource['attributes']['name']``, or None when the resource has no such field."""
+    attributes = resource.get("attributes") if isinstance(resource, dict) else None
+    return attributes.get("name") if isinstance(attributes, dict) else None
 
 
 def _resource_id(status: int, resource: object) -> str:
@@ -404,13 +412,21 @@ class KlaviyoClient:
         return f"KlaviyoClient(base_url={self._base_url!r}, revision={self._revision!r})"
 
     async def find_list(self, name: str) -> str | None:
-        """Return the id of the first list named ``name``, or None."""
-        params = {"filter": filter_equals("name", name)}
-        reply = await self._request(_Request(Endpoint.LISTS_READ, "GET", "/api/lists", params=params))
-        data = _document(reply.status, reply.text).get("data")
-        if not isinstance(data, list):
-            raise MalformedPayload(SERVICE, reply.status, f"lists without data array: {reply.text[:300]}")
-        return _resource_id(reply.status, data[0]) if data else None
+        """Return the id of the first list whose name is exactly ``name``, or None."""
+        params: dict[str, str] | None = {"filter": filter_any("name", [name])}
+        while params is not None:
+            reply = await self._request(_Request(Endpoint.LISTS_READ, "GET", "/api/lists", params=params))
+            doc = _document(reply.status, reply.text)
+            data = doc.get("data")
+            if not isinstance(data, list):
+                raise MalformedPayload(SERVICE, reply.status, f"lists without data array: {reply.text[:300]}")
+            # The filter should leave only lists of that name, but a list is used only after its own name
+            # is checked: adding shoppers to another of the merchant's lists would be worse than a second list.
+            found = next((item for item in data if _list_name(item) == name), None)
+            if found is not None:
+                return _resource_id(reply.status, found)
+            params = _next_page(doc)
+        return None
 
     async def create_list(self, name: str) -> str:
         """Create a list named ``name`` and return its id (lists are not unique by name)."""

@@ -224,18 +224,52 @@ def test_unreadable_2xx_body_is_described_not_quoted() -> None:
 # --- methods: exact requests --------------------------------------------------------------------------
 
 
-async def test_find_list_sends_escaped_filter_and_returns_first_id(
+def lists_page(*names: str, following: str | None = None) -> dict[str, Any]:
+    """Return a get_lists reply with one list per name (ids L0, L1, ...) and an optional next link."""
+    data = [{"type": "list", "id": f"L{index}", "attributes": {"name": name}} for index, name in enumerate(names)]
+    return {"data": data, "links": {"self": LISTS, "next": following, "prev": None}}
+
+
+def name_filter(name: str) -> URL:
+    return URL(LISTS).with_query(filter=f"any(name,[{json.dumps(name, ensure_ascii=False)}])")
+
+
+async def test_find_list_sends_the_spec_declared_any_filter_with_an_escaped_name(
     mocked: aioresponses, client: KlaviyoClient
 ) -> None:
-    url = URL(LISTS).with_query(filter='equals(name,"Whip\\"lash\\\\")')
-    mocked.get(url, payload={"data": [{"type": "list", "id": "L1"}, {"type": "list", "id": "L2"}]})
+    url = URL(LISTS).with_query(filter='any(name,["Whip\\"lash\\\\ café"])')
+    mocked.get(url, payload=lists_page('Whip"lash\\ café', 'Whip"lash\\ café'))
 
-    found = await client.find_list('Whip"lash\\')
+    found = await client.find_list('Whip"lash\\ café')
 
-    assert found == "L1"
+    assert found == "L0"
     [kwargs] = sent(mocked, "GET", url)
     assert_headers(kwargs, write=False)
     assert kwargs["data"] is None
+
+
+async def test_find_list_skips_returned_lists_with_another_name(mocked: aioresponses, client: KlaviyoClient) -> None:
+    mocked.get(name_filter("Whiplash"), payload=lists_page("whiplash", "Newsletter", "Whiplash"))
+
+    assert await client.find_list("Whiplash") == "L2"
+
+
+async def test_find_list_without_an_exact_name_match_is_none(mocked: aioresponses, client: KlaviyoClient) -> None:
+    nameless = {"type": "list", "id": "X"}
+    mocked.get(name_filter("Whiplash"), payload={"data": [nameless, *lists_page("WHIPLASH")["data"]]})
+
+    assert await client.find_list("Whiplash") is None
+
+
+async def test_find_list_follows_the_cursor_until_a_name_matches(
+    mocked: aioresponses, client: KlaviyoClient
+) -> None:
+    second = URL(LISTS).with_query({"filter": 'any(name,["Whiplash"])', "page[cursor]": "c2"})
+    mocked.get(name_filter("Whiplash"), payload=lists_page("Whiplash (old)", following=str(second)))
+    mocked.get(second, payload=lists_page("Other", "Whiplash"))
+
+    assert await client.find_list("Whiplash") == "L1"
+    assert len(sent(mocked, "GET", second)) == 1
 
 
 async def test_create_list_posts_list_body(mocked: aioresponses, client: KlaviyoClient) -> None:
@@ -249,16 +283,14 @@ async def test_create_list_posts_list_body(mocked: aioresponses, client: Klaviyo
 
 
 async def test_ensure_list_uses_the_existing_list(mocked: aioresponses, client: KlaviyoClient) -> None:
-    url = URL(LISTS).with_query(filter='equals(name,"Whiplash")')
-    mocked.get(url, payload={"data": [{"type": "list", "id": "OLD"}]})
+    mocked.get(name_filter("Whiplash"), payload=lists_page("Whiplash"))
 
-    assert await client.ensure_list("Whiplash") == "OLD"
+    assert await client.ensure_list("Whiplash") == "L0"
     assert sent(mocked, "POST", LISTS) == []
 
 
 async def test_ensure_list_creates_a_missing_list(mocked: aioresponses, client: KlaviyoClient) -> None:
-    url = URL(LISTS).with_query(filter='equals(name,"Whiplash")')
-    mocked.get(url, payload={"data": []})
+    mocked.get(name_filter("Whiplash"), payload={"data": []})
     mocked.post(LISTS, status=201, payload={"data": {"type": "list", "id": "NEW"}})
 
     assert await client.ensure_list("Whiplash") == "NEW"
