@@ -57,7 +57,7 @@ def orders_since(http: urllib3.PoolManager, base: str, customer: int, since: str
 
 def find_or_create_list(klaviyo: KlaviyoAPI, name: str) -> str:
     """Return the id of the list called ``name``, creating it if missing."""
-    found = klaviyo.Lists.get_lists(filter=f'equals(name,"{name}")')
+    found = klaviyo.Lists.get_lists(filter=f'any(name,["{name}"])')  # the form get_lists declares for name
     if found.data:
         return str(found.data[0].id)
     created = klaviyo.Lists.create_list({"data": {"type": "list", "attributes": {"name": name}}})

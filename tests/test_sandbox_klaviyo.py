@@ -16,8 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from klaviyo_bridge.sandbox.filters import FILTER_OPERATIONS
 from klaviyo_bridge.sandbox.klaviyo import EventMatch, FakeKlaviyo, Limits, ProfileMatch, serve_klaviyo
-from klaviyo_bridge.sandbox.openapi import HandChecker, default_spec_path, load_spec_checker, make_checker
+from klaviyo_bridge.sandbox.openapi import HandChecker, SpecChecker, default_spec_path, load_spec_checker, make_checker
 
 KEY = "pk_test_shop_0001"
 OTHER_KEY = "pk_test_other_0002"
@@ -361,7 +362,7 @@ async def test_list_create_filter_and_add_members(api: Api, fake: FakeKlaviyo) -
     profile = await api.post("/api/profile-import", profile_body(email="di@example.com"))
     list_id, profile_id = created.body["data"]["id"], profile.body["data"]["id"]
 
-    found = await api.get("/api/lists", params={"filter": 'equals(name,"Whiplash")'})
+    found = await api.get("/api/lists", params={"filter": 'equals(name,["Whiplash"])'})
     added = await api.post(
         f"/api/lists/{list_id}/relationships/profiles", {"data": [{"type": "profile", "id": profile_id}]}
     )
@@ -388,16 +389,103 @@ async def test_list_paging_is_capped_at_ten_with_cursor_links(api: Api, fake: Fa
     assert (too_big.status, too_big.error["source"]) == (400, {"parameter": "page[size]"})
 
 
-async def test_list_filter_any_and_unsupported_operator(api: Api) -> None:
-    await api.post("/api/lists", list_body("A"))
-    await api.post("/api/lists", list_body("B"))
-    await api.post("/api/lists", list_body("C"))
+@pytest.fixture(params=["spec", "hand"])
+def filter_rules(request: pytest.FixtureRequest) -> Path | None:
+    """Run a test with the spec's x-klaviyo-filters and with the hand-written table."""
+    if request.param == "spec" and SPEC is None:
+        pytest.skip("Klaviyo OpenAPI spec (shared/klaviyo-openapi/stable.json) absent")
+    return SPEC if request.param == "spec" else None
 
-    found = await api.get("/api/lists", params={"filter": 'any(name,["A","C"])'})
-    bad = await api.get("/api/lists", params={"filter": 'contains(name,"A")'})
 
-    assert sorted(item["attributes"]["name"] for item in found.body["data"]) == ["A", "C"]
-    assert (bad.status, bad.error["source"]) == (400, {"parameter": "filter"})
+@pytest.fixture
+async def lists_api(
+    filter_rules: Path | None, clock: Clock, session: aiohttp.ClientSession
+) -> AsyncIterator[tuple[Api, FakeKlaviyo, dict[str, str]]]:
+    """Serve an account holding lists A, B and C, created ten seconds apart; yield (api, fake, ids by name)."""
+    simulator = FakeKlaviyo(spec_path=filter_rules, clock=clock, seed=7)
+    shop = simulator.add_account(KEY, "shop")
+    ids = {}
+    for name in ("A", "B", "C"):
+        ids[name] = shop.create_list(name, "single_opt_in", datetime.fromtimestamp(clock(), UTC)).id
+        clock.advance(10)
+    async with served(simulator, session) as client:
+        yield client, simulator, ids
+
+
+async def listed(api: Api, filter_text: str) -> list[str]:
+    """Return the names of the lists a filter selects (asserting it is accepted)."""
+    reply = await api.get("/api/lists", params={"filter": filter_text})
+    assert reply.status == 200, reply.body
+    return [item["attributes"]["name"] for item in reply.body["data"]]
+
+
+async def test_list_filter_accepts_the_forms_the_spec_declares(
+    lists_api: tuple[Api, FakeKlaviyo, dict[str, str]],
+) -> None:
+    api, fake, ids = lists_api
+    after_a = datetime.fromtimestamp(START + 5, UTC).isoformat().replace("+00:00", "Z")
+
+    assert await listed(api, 'equals(name,["B"])') == ["B"]
+    assert await listed(api, 'any(name,["A","C","Z"])') == ["A", "C"]
+    assert await listed(api, "any(name,['B', 'it\\'s'])") == ["B"]
+    assert await listed(api, f'equals(id,"{ids["C"]}")') == ["C"]
+    assert await listed(api, f'any(id,["{ids["A"]}","{ids["B"]}"])') == ["A", "B"]
+    assert await listed(api, f"greater-than(created,{after_a})") == ["B", "C"]
+    assert await listed(api, f'and(greater-than(updated,{after_a}),any(name,["A","B"]))') == ["B"]
+    assert await listed(api, f'greater-than(created,{after_a}),equals(name,["C"])') == ["C"]
+    assert fake.rejections == []
+
+
+@pytest.mark.parametrize(
+    "filter_text",
+    [
+        'equals(name,"A")',  # name is declared with list-valued operators only
+        'any(name,"A")',
+        'contains(name,"A")',  # operator not declared for name
+        'equals(title,["A"])',  # field not declared
+        'any(id,[])',
+        "any(name,[A])",  # strings are quoted
+        'greater-than(created,"2026-09-21T14:13:20Z")',  # date-times are not
+        "greater-than(created,[2026-09-21T14:13:20Z])",
+        "greater-than(created,2026-09-21)",
+        "equals(created,2026-09-21T14:13:20Z)",
+        'or(equals(name,["A"]),equals(name,["B"]))',
+        'equals(name,["A"]',
+        'equals(name,["A\\q"])',  # not a JSON escape
+    ],
+)
+async def test_list_filter_refuses_forms_the_spec_does_not_declare(
+    lists_api: tuple[Api, FakeKlaviyo, dict[str, str]], filter_text: str
+) -> None:
+    api, fake, _ = lists_api
+
+    reply = await api.get("/api/lists", params={"filter": filter_text})
+
+    assert (reply.status, reply.error["code"], reply.error["source"]) == (400, "invalid", {"parameter": "filter"})
+    assert set(reply.error) >= {"id", "status", "code", "title", "detail", "source"}
+    assert [r.pointer for r in fake.rejections] == ["filter"]
+
+
+async def test_list_filter_error_says_which_value_shape_the_operator_takes(
+    lists_api: tuple[Api, FakeKlaviyo, dict[str, str]],
+) -> None:
+    api, _, _ = lists_api
+
+    single = await api.get("/api/lists", params={"filter": 'equals(name,"A")'})
+    unknown = await api.get("/api/lists", params={"filter": 'equals(nam,["A"])'})
+
+    assert single.error["detail"] == "'equals' on filter field 'name' takes a list of values, e.g. equals(name,[...])"
+    assert unknown.error["detail"] == "'nam' is not a valid field for filtering; use one of: created, id, name, updated"
+
+
+@needs_spec
+def test_hand_filter_table_equals_the_specs_declarations() -> None:
+    assert SPEC is not None
+    spec = make_checker(SPEC)
+
+    assert isinstance(spec, SpecChecker)
+    assert dict(HandChecker().filters) == dict(spec.filters)
+    assert set(spec.filters) == set(FILTER_OPERATIONS)
 
 
 async def test_add_members_to_unknown_list_or_with_unknown_profile(api: Api, fake: FakeKlaviyo) -> None:

@@ -11,6 +11,9 @@ Invariants:
   rate limits (fixed windows of 1 s, 60 s and a day, aligned to the clock), revision header, media type,
   payload size, JSON, OpenAPI schema, then the endpoint's semantic checks. Every response after
   authentication except a 429 carries RateLimit-* headers for the steady window.
+- A ``filter`` parameter is accepted only in the forms the operation's ``x-klaviyo-filters`` declare (the
+  spec's, or the hand-written copy without it; see ``filters``); any other form is a recorded 400 whose
+  source is the ``filter`` parameter.
 - Every 400/410/415 the client causes is recorded as a ``Rejection``. Rejections caused by injected rules are
   only counted, so ``fake.rejections == []`` means "the client sent only valid requests".
 - Profiles are found by lower-cased email, phone number, external id or anonymous id, through an index that
@@ -30,7 +33,6 @@ import functools
 import json
 import logging
 import math
-import operator
 import random
 import re
 import signal
@@ -49,6 +51,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from klaviyo_bridge.sandbox._server import serve_app
+from klaviyo_bridge.sandbox.filters import Condition, FilterError, parse_filter, parse_rfc3339
 from klaviyo_bridge.sandbox.openapi import BodyChecker, Problem, SpecChecker, default_spec_path, make_checker
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,6 @@ _TEXT_FIELDS = (*IDENTIFIERS, "first_name", "last_name", "organization", "locale
 _MEDIA_TYPES = ("application/vnd.api+json", "application/json")
 _THROTTLE_DOCS = "https://developers.klaviyo.com/en/docs/rate_limits_and_error_handling#rate-limits"
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 _REVISION = re.compile(r"^(\d{4}-\d{2}-\d{2})(\.[A-Za-z0-9]+)?$")
 _AUTH = re.compile(r"^Klaviyo-API-Key\s+(\S+)$")
 _EARLIEST_EVENT = datetime(1990, 1, 1, tzinfo=UTC)
@@ -785,22 +787,12 @@ def parse_event_time(raw: Any, pointer: str, when: datetime) -> datetime | None:
     """Parse an event time: RFC 3339 with an offset, after 1990 and at most a year after ``when``."""
     if raw is None:
         return None
-    moment = _rfc3339(raw)
+    moment = parse_rfc3339(raw)
     if moment is None:
         raise invalid(f"{raw!r} is not an RFC 3339 date-time with an offset", pointer)
     if moment < _EARLIEST_EVENT or moment > when + timedelta(days=365):
         raise invalid(f"Event time {raw} must be after 1990 and at most one year in the future", pointer)
     return moment
-
-
-def _rfc3339(raw: Any) -> datetime | None:
-    """Return the datetime ``raw`` denotes if it is an RFC 3339 string with an offset, else None."""
-    if not isinstance(raw, str) or not _RFC3339.match(raw):
-        return None
-    try:
-        return datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def _check_properties(properties: Mapping[str, Any], pointer: str) -> None:
@@ -870,82 +862,7 @@ def parse_json(raw: bytes) -> Any:
         raise invalid(f"The payload provided in the request is invalid: {exc}") from None
 
 
-# ---------------------------------------------------------------- GET /api/lists filtering and paging
-
-ListPredicate = Callable[[KlaviyoList], bool]
-_CONDITION = re.compile(r"^([a-z-]+)\((\w+),(.*)\)$", re.S)
-_FILTER_OPS: Mapping[str, tuple[type, Callable[[Any, Any], bool]]] = {
-    "equals": (str, operator.eq),
-    "any": (list, lambda actual, wanted: actual in wanted),
-    "greater-than": (datetime, operator.gt),
-}
-_LIST_FILTER_FIELDS: Mapping[str, tuple[str, ...]] = {
-    "name": ("equals", "any"),
-    "id": ("equals", "any"),
-    "created": ("greater-than",),
-    "updated": ("greater-than",),
-}
-
-
-def parse_list_filter(text: str | None) -> list[ListPredicate]:
-    """Parse a get_lists ``filter`` (conditions, comma-joined or inside ``and(...)``) into predicates."""
-    if not text:
-        return []
-    predicates: list[ListPredicate] = []
-    for part in _split_top_level(text):
-        if part.startswith("and(") and part.endswith(")"):
-            predicates.extend(parse_list_filter(part[4:-1]))
-        else:
-            predicates.append(_list_condition(part))
-    return predicates
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas that are outside quotes, parentheses and brackets."""
-    parts: list[str] = []
-    depth, quoted, start = 0, False, 0
-    for index, char in enumerate(text):
-        if char == '"' and text[index - 1 : index] != "\\":
-            quoted = not quoted
-        elif not quoted and char in "([":
-            depth += 1
-        elif not quoted and char in ")]":
-            depth -= 1
-        elif not quoted and depth == 0 and char == ",":
-            parts.append(text[start:index])
-            start = index + 1
-    parts.append(text[start:])
-    return [part.strip() for part in parts if part.strip()]
-
-
-def _list_condition(text: str) -> ListPredicate:
-    """Turn one ``op(field,value)`` condition into a predicate, or raise 400 on the filter parameter."""
-    match = _CONDITION.match(text)
-    if match is None:
-        raise invalid(f"Invalid filter expression: {text}", parameter="filter")
-    op_name, field_name, raw = match.groups()
-    if op_name not in _LIST_FILTER_FIELDS.get(field_name, ()):
-        raise invalid(
-            f"'{op_name}' is not a valid operator for filter field '{field_name}'", parameter="filter"
-        )
-    expected, compare = _FILTER_OPS[op_name]
-    value = _filter_value(raw.strip())
-    if not isinstance(value, expected):
-        raise invalid(f"Invalid value for '{op_name}' on field '{field_name}': {raw}", parameter="filter")
-    return lambda klist: compare(getattr(klist, field_name), value)
-
-
-def _filter_value(raw: str) -> Any:
-    """Parse a filter value: a quoted string, a JSON array of strings or a bare RFC 3339 datetime."""
-    if raw[:1] in ('"', "["):
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise invalid(f"Invalid filter value: {raw}", parameter="filter") from None
-    moment = _rfc3339(raw)
-    if moment is None:
-        raise invalid(f"Invalid filter value: {raw}", parameter="filter")
-    return moment
+# ---------------------------------------------------------------- GET /api/lists paging
 
 
 def parse_page_size(raw: str | None) -> int:
@@ -1595,12 +1512,23 @@ class FakeKlaviyo:
     def _get_lists(self, call: Call) -> web.Response:
         """GET /api/lists: filtered, cursor-paged (≤10) list objects."""
         query = call.request.query
-        predicates = parse_list_filter(query.get("filter"))
+        conditions = self._filter(call, "get_lists")
         size, offset = parse_page_size(query.get("page[size]")), decode_cursor(query.get("page[cursor]"))
-        chosen = [klist for klist in call.account.lists.values() if all(test(klist) for test in predicates)]
+        chosen = [
+            klist
+            for klist in call.account.lists.values()
+            if all(condition.matches(getattr(klist, condition.field, None)) for condition in conditions)
+        ]
         fields = frozenset(query["fields[list]"].split(",")) if "fields[list]" in query else None
         data = [klist.resource(call.origin, fields) for klist in chosen[offset : offset + size]]
         return _jsonapi({"data": data, "links": _page_links(call.request, offset, size, len(chosen))})
+
+    def _filter(self, call: Call, op_id: str) -> list[Condition]:
+        """Parse the ``filter`` parameter in the forms the operation declares, or raise Klaviyo's 400."""
+        try:
+            return parse_filter(call.request.query.get("filter"), self.checker.filters.get(op_id, {}))
+        except FilterError as exc:
+            raise invalid(str(exc), parameter="filter") from None
 
     def _get_list(self, call: Call) -> web.Response:
         """GET /api/lists/{id}: one list."""

@@ -8,6 +8,8 @@ Invariants:
   nodes are rewritten to also admit null; every other node is validated exactly as the spec states.
 - Without the spec (or without openapi-schema-validator) ``HandChecker`` checks the fields the bridge sends:
   required keys, types and ``type`` literals, with messages worded like jsonschema's.
+- A checker also carries the ``filter`` forms each operation in ``FILTER_OPERATIONS`` accepts: read from the
+  spec's ``x-klaviyo-filters`` by ``SpecChecker``, the hand-written 2026-07-15 table in ``HandChecker``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from klaviyo_bridge.sandbox.filters import FILTER_OPERATIONS, HAND_FILTERS, FilterTable, declared_filters
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,11 @@ class Problem:
 
 
 class BodyChecker(Protocol):
-    """Anything that can judge a request body of a named operation."""
+    """Anything that can judge a request body of a named operation, and knows its declared filters."""
+
+    @property
+    def filters(self) -> Mapping[str, FilterTable]:
+        """Return the accepted ``filter`` forms per operation id (an operation left out takes no filter)."""
 
     def check(self, operation_id: str, body: Any) -> Problem | None:
         """Return the first problem with ``body``, or None when it is acceptable."""
@@ -95,6 +103,12 @@ class SpecChecker:
         wanted = {op: name for op, name in named.items() if name is not None}
         self.version: str = str(spec.get("info", {}).get("version", "?"))
         self._validators = _build_validators(spec, wanted)
+        self._filters = declared_filters(spec, FILTER_OPERATIONS)
+
+    @property
+    def filters(self) -> Mapping[str, FilterTable]:
+        """Return the filter forms the spec's ``x-klaviyo-filters`` declare per operation."""
+        return self._filters
 
     @property
     def operations(self) -> frozenset[str]:
@@ -298,6 +312,11 @@ HAND_RULES: Mapping[str, Sequence[Rule]] = {
 
 class HandChecker:
     """Check the fields the bridge sends with hand-written rules, for runs without the spec."""
+
+    @property
+    def filters(self) -> Mapping[str, FilterTable]:
+        """Return the hand-written copy of the 2026-07-15 spec's filter declarations."""
+        return HAND_FILTERS
 
     def check(self, operation_id: str, body: Any) -> Problem | None:
         """Return the first rule ``body`` breaks, or None."""
