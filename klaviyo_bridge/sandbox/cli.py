@@ -129,5 +129,6 @@ def curl_examples(urls: SandboxUrls, c: SandboxCustomer) -> list[str]:
         f"curl -s {w}/__sim/state",
         f"curl -s {k}/api/lists {klaviyo}",
         f"curl -s {k}/__sim/state   # profiles, lists, events per account (labelled by whiplash id)",
+        f"curl -s {w}/__sim/   # every control route, its body fields (the same at {k}/__sim/)",
     ]
 

@@ -48,16 +48,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klaviyo_bridge.sandbox._server import serve_app
+from klaviyo_bridge.sandbox.control import CONTROL_PREFIX, ControlRoute, index_handler, index_route, model_fields
 from klaviyo_bridge.sandbox.filters import Condition, FilterError, parse_filter, parse_rfc3339
 from klaviyo_bridge.sandbox.openapi import BodyChecker, Problem, SpecChecker, default_spec_path, make_checker
 
 log = logging.getLogger(__name__)
 
 JSONAPI = "application/vnd.api+json"
-CONTROL_PREFIX = "/__sim/"
 MAX_PAYLOAD = 5 * 1024 * 1024
 MAX_PROFILE_PAYLOAD = 100 * 1024
 MAX_BULK_EVENTS = 1000
@@ -1005,11 +1005,11 @@ class EventMatch(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    metric: str | None = None
+    metric: str | None = Field(None, description="metric name")
     unique_id: str | None = None
     unique_id_prefix: str | None = None
-    email: str | None = None
-    properties: dict[str, Any] | None = None
+    email: str | None = Field(None, description="profile email, compared lower-cased")
+    properties: dict[str, Any] | None = Field(None, description="each given property must be equal")
 
     def __call__(self, event: EventIn) -> bool:
         """Return whether ``event`` matches."""
@@ -1028,8 +1028,8 @@ class ProfileMatch(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    email: str | None = None
-    attributes: dict[str, Any] | None = None
+    email: str | None = Field(None, description="compared lower-cased")
+    attributes: dict[str, Any] | None = Field(None, description="each given profile attribute must be equal")
 
     def __call__(self, attrs: Mapping[str, Any]) -> bool:
         """Return whether the submitted profile attributes match."""
@@ -1094,42 +1094,54 @@ class Faults:
 # ---------------------------------------------------------------- control API payloads
 
 
+_PREFIX_TEXT = "only requests whose path starts with this"
+
+
 class _AccountIn(BaseModel):
-    api_key: str
-    label: str | None = None
-    scopes: list[str] | None = None
+    api_key: str = Field(description="the private key its requests carry")
+    label: str | None = Field(None, description="its name in /__sim/state (default account-N)")
+    scopes: list[str] | None = Field(None, description="granted scopes, e.g. lists:read (default: all)")
 
 
 class _KeyIn(BaseModel):
-    api_key: str
+    api_key: str = Field(description="the account's private key")
 
 
 class _FailNextIn(BaseModel):
-    n: int = 1
-    status: int = 503
-    path_prefix: str | None = None
-    retry_after: int = 1
-    account: str | None = None
+    n: int = Field(1, description="how many requests")
+    status: int = Field(503, description="status to answer; 429 carries Retry-After, 409 is duplicate_profile")
+    path_prefix: str | None = Field(None, description=_PREFIX_TEXT)
+    retry_after: int = Field(1, description="seconds, for 429")
+    account: str | None = Field(None, description="only requests of the account with this label")
 
 
 class _DelayIn(BaseModel):
-    seconds: float
-    path_prefix: str | None = None
+    seconds: float = Field(description="how long to stall each request (0 turns the delay off)")
+    path_prefix: str | None = Field(None, description=_PREFIX_TEXT)
 
 
 class _ResetIn(BaseModel):
-    n: int = 1
-    after_processing: bool = False
-    path_prefix: str | None = None
+    n: int = Field(1, description="how many requests")
+    after_processing: bool = Field(False, description="cut after the request took effect, not before")
+    path_prefix: str | None = Field(None, description=_PREFIX_TEXT)
 
 
 class _LimitsIn(BaseModel):
-    enabled: bool | None = None
-    scale: float | None = None
+    enabled: bool | None = Field(None, description="switch rate limiting on or off")
+    scale: float | None = Field(None, description="multiply every published limit, e.g. 0.1")
 
 
 class _NothingIn(BaseModel):
     pass
+
+
+@dataclass(frozen=True)
+class _Action:
+    """A control action: its JSON argument model, what it does (for ``GET /__sim/``) and how to run it."""
+
+    model: type[BaseModel]
+    description: str
+    run: Callable[[Any], object]
 
 
 # ---------------------------------------------------------------- the simulator
@@ -1295,10 +1307,16 @@ class FakeKlaviyo:
         impls = self._impls()
         for op in OPERATIONS:
             app.router.add_route(op.method, op.path, self._endpoint(op, impls[op.op_id]))
+        self._add_control_routes(app)
+        return app
+
+    def _add_control_routes(self, app: web.Application) -> None:
+        """Mount the /__sim/ control API (no key, never faulted or limited); ``GET /__sim/`` lists it."""
+        app.router.add_get(CONTROL_PREFIX, index_handler("Klaviyo", self.control_routes))
         app.router.add_get(f"{CONTROL_PREFIX}state", self._ctl_state)
         app.router.add_post(f"{CONTROL_PREFIX}accounts", self._ctl_add_account)
-        app.router.add_post(CONTROL_PREFIX + "{action}", self._ctl_action)
-        return app
+        for name, action in self._ctl_actions().items():
+            app.router.add_post(CONTROL_PREFIX + name, self._ctl_action(action))
 
     def _impls(self) -> dict[str, Impl]:
         """Map operation ids to their implementations."""
@@ -1579,31 +1597,62 @@ class FakeKlaviyo:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"label": account.label}, status=201)
 
-    async def _ctl_action(self, request: web.Request) -> web.Response:
-        """POST /__sim/{action}: run one fault/limit/key action with its JSON arguments."""
-        action = self._ctl_actions().get(request.match_info["action"])
-        if action is None:
-            return web.json_response({"error": "unknown action"}, status=404)
-        model, run = action
-        try:
-            run(model.model_validate(await _control_json(request)))
-        except (ValidationError, KeyError, ValueError) as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response({"ok": True})
+    def _ctl_action(self, action: _Action) -> Handler:
+        """Return the handler of ``POST /__sim/<action>``: validate its JSON arguments, then run it."""
 
-    def _ctl_actions(self) -> dict[str, tuple[type[BaseModel], Callable[[Any], object]]]:
-        """Map control action names to (argument model, runner)."""
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                action.run(action.model.model_validate(await _control_json(request)))
+            except (ValidationError, KeyError, ValueError) as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            return web.json_response({"ok": True})
+
+        return handle
+
+    def _ctl_actions(self) -> dict[str, _Action]:
+        """Map control action names to their argument model, description and runner."""
         return {
-            "revoke": (_KeyIn, lambda args: self.revoke(args.api_key)),
-            "restore": (_KeyIn, lambda args: self.restore(args.api_key)),
-            "fail_next": (_FailNextIn, lambda args: self.fail_next(**args.model_dump())),
-            "delay": (_DelayIn, lambda args: self.delay(**args.model_dump())),
-            "reset_connections": (_ResetIn, lambda args: self.reset_connections(**args.model_dump())),
-            "reject_events": (EventMatch, self.reject_event_if),
-            "reject_profiles": (ProfileMatch, self.reject_profile_if),
-            "limits": (_LimitsIn, self._set_limits),
-            "clear_faults": (_NothingIn, lambda _args: self.clear_faults()),
+            "revoke": _Action(_KeyIn, "make api_key answer 401 until restored", lambda a: self.revoke(a.api_key)),
+            "restore": _Action(_KeyIn, "accept a revoked api_key again", lambda a: self.restore(a.api_key)),
+            "fail_next": _Action(
+                _FailNextIn, "answer the next n matching API requests with an error, before looking at them",
+                lambda a: self.fail_next(**a.model_dump()),
+            ),
+            "delay": _Action(
+                _DelayIn, "stall every matching API request by seconds", lambda a: self.delay(**a.model_dump())
+            ),
+            "reset_connections": _Action(
+                _ResetIn, "drop the TCP connection of the next n matching API requests",
+                lambda a: self.reset_connections(**a.model_dump()),
+            ),
+            "reject_events": _Action(
+                EventMatch, "refuse (400) every event matching all given fields; a bulk request with one fails whole",
+                self.reject_event_if,
+            ),
+            "reject_profiles": _Action(
+                ProfileMatch, "refuse profile imports matching all given fields (400, or an import-error row)",
+                self.reject_profile_if,
+            ),
+            "limits": _Action(_LimitsIn, "switch rate limiting on/off or rescale it", self._set_limits),
+            "clear_faults": _Action(
+                _NothingIn, "drop every pending failure, reset, delay and rejection rule",
+                lambda _a: self.clear_faults(),
+            ),
         }
+
+    def control_routes(self) -> list[ControlRoute]:
+        """Return the documentation of every /__sim/ route, as ``GET /__sim/`` serves it."""
+        state = "every account (by label, never by key): profiles, lists, metrics, events, jobs, counters; faults"
+        fixed = [
+            index_route("Klaviyo"),
+            ControlRoute("GET", f"{CONTROL_PREFIX}state", state),
+            ControlRoute("POST", f"{CONTROL_PREFIX}accounts", "add an account at runtime", model_fields(_AccountIn)),
+        ]
+        actions = [
+            ControlRoute("POST", CONTROL_PREFIX + name, action.description, model_fields(action.model))
+            for name, action in self._ctl_actions().items()
+        ]
+        return fixed + actions
 
     def _set_limits(self, args: _LimitsIn) -> None:
         """Switch rate limiting on/off or rescale it at runtime."""
@@ -1709,6 +1758,9 @@ async def _http_errors_as_envelopes(request: web.Request, handler: Handler) -> w
     try:
         return await handler(request)
     except web.HTTPException as exc:
+        if exc.status == 404 and request.path.startswith(CONTROL_PREFIX):
+            hint = f"no control route {request.path}; GET {CONTROL_PREFIX} lists them"
+            return web.json_response({"error": hint}, status=404)
         if exc.status < 400 or request.path.startswith(CONTROL_PREFIX):
             raise
         code = _HTTP_CODES.get(exc.status, "error")

@@ -51,6 +51,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from klaviyo_bridge.sandbox._server import serve_app
+from klaviyo_bridge.sandbox.control import ControlRoute, index_handler, index_route
 
 log = logging.getLogger(__name__)
 
@@ -1318,9 +1319,54 @@ def _tracking_number(rng: random.Random, carrier: str) -> str:
 # ------------------------------------------------------------------------------------ control API
 
 
+_AT = "Whiplash time, e.g. 2026-09-01T10:00:00-04:00 (optional: default sim now)"
+_PATH_PREFIX = "string (default /api/): only requests whose path starts with this"
+CONTROL_ROUTES: Final[tuple[ControlRoute, ...]] = (
+    index_route("Whiplash"),
+    ControlRoute("GET", "/__sim/state", "summary: customers, clock, order counts by status, pending faults, "
+                 "refresh-token fingerprint and rotations, request counters"),
+    ControlRoute("GET", "/__sim/orders", "every order as the API renders it, unpaged and without a token; "
+                 "query customer_id=N for one customer's"),
+    ControlRoute("POST", "/__sim/customers", "register a merchant; an invisible one answers 403 to X-CUSTOMER-ID",
+                 {"customer_id": "int (required)", "visible": "bool (default true)"}),
+    ControlRoute("POST", "/__sim/orders", "create an order (its customer is registered if new)", {
+        "customer_id": "int (required)", "status": "int (default 100): a Whiplash status code", "at": _AT,
+        "items": "list of {sku, description, price, quantity?, currency?} (optional)",
+        "email, first_name, last_name, shipping_name, carrier": "string (optional)",
+        "<writable order field>": "any other order field, e.g. shipping_country",
+    }),
+    ControlRoute("POST", "/__sim/orders/{order_id}/status", "move an order to a status (shipping ones add packages)",
+                 {"status": "int (required)", "at": _AT,
+                  "bump_updated_at": "bool (optional): false models a change that does not touch updated_at"}),
+    ControlRoute("PATCH", "/__sim/orders/{order_id}", "change writable fields of an order", {
+        "<writable order field>": "new value", "at": _AT, "bump_updated_at": "bool (default true)",
+    }),
+    ControlRoute("POST", "/__sim/faults", "queue n one-shot faults for the next matching requests", {
+        "kind": "fail | html | truncate | drop | delay (required): error status, 200 maintenance page, JSON cut "
+                "in half, connection reset mid-body, or a stall",
+        "n": "int (default 1)", "status": "int (default 503): for fail", "retry_after": "int or HTTP date (optional)",
+        "seconds": "float (default 0): for delay", "path_prefix": _PATH_PREFIX,
+    }),
+    ControlRoute("POST", "/__sim/settings", "change modes; answers the new summary", {
+        "bump_on_status_change": "bool (optional)", "delay_s": "float (optional): stall every /api/ request",
+        "clear_faults": "bool (optional): drop queued faults and the standing delay",
+    }),
+    ControlRoute("POST", "/__sim/tokens/expire", "expire every access token now (refresh tokens stay valid)"),
+    ControlRoute("POST", "/__sim/script", "attach a seeded order generator to a customer and backfill its history", {
+        "customer_id": "int (required)", "seed": "int (default 0)", "count": "int (default 0): orders to backfill",
+        "days": "float (default 20): spread over this many past days",
+    }),
+    ControlRoute("POST", "/__sim/tick", "advance every attached order generator", {
+        "steps": "int (default 1)", "share": "float (default 0.5): chance each open order moves per step",
+        "spawn": "int (default 0): new orders per customer first",
+    }),
+)
+
+
 def _add_control_routes(app: web.Application, fake: FakeWhiplash) -> None:
-    """Mount the ``/__sim/`` control API (no auth) used by subprocess tests and the demo."""
+    """Mount the ``/__sim/`` control API (no auth) used by subprocess tests and the demo; GET /__sim/ lists it."""
     control = _Control(fake)
+    app.router.add_get(CONTROL_PREFIX, index_handler("Whiplash", lambda: CONTROL_ROUTES))
     app.router.add_get("/__sim/state", control.state)
     app.router.add_get("/__sim/orders", control.list_orders)
     app.router.add_post("/__sim/customers", control.add_customer)
