@@ -2,16 +2,39 @@
 
 Invariants: the site is bound before the base URL is yielded, and the runner is cleaned up on exit even when
 the body raises, so no listening socket outlives the block. Shutdown waits at most ``shutdown_timeout`` for
-in-flight requests, so a client holding a slow request cannot keep a test or the demo from ending.
+in-flight requests, so a client holding a slow request cannot keep a test or the demo from ending. A client
+that hangs up mid-request (``quiet_disconnects``, first middleware of both simulators) costs one DEBUG line,
+never an aiohttp "Error handling request" traceback.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+#: The status recorded for a request whose client left before the answer (nginx's "client closed request").
+CLIENT_CLOSED = 499
+
+
+@web.middleware
+async def quiet_disconnects(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """End a request whose client hung up with one DEBUG line, not aiohttp's ERROR with a traceback."""
+    try:
+        return await handler(request)
+    except ConnectionError:
+        # Reading the rest of a body (or writing a streamed answer) after the peer left raises here; any
+        # other ConnectionError would be a simulator bug, so it keeps its traceback.
+        if request.transport is not None and not request.transport.is_closing():
+            raise
+        log.debug("sim client disconnected method=%s path=%s", request.method, request.path)
+        return web.Response(status=CLIENT_CLOSED)  # never delivered: aiohttp drops it on the closed transport
 
 
 @asynccontextmanager

@@ -50,7 +50,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from klaviyo_bridge.sandbox._server import serve_app
+from klaviyo_bridge.sandbox._server import quiet_disconnects, serve_app
 from klaviyo_bridge.sandbox.control import CONTROL_PREFIX, ControlRoute, index_handler, index_route, model_fields
 from klaviyo_bridge.sandbox.filters import Condition, FilterError, parse_filter, parse_rfc3339
 from klaviyo_bridge.sandbox.openapi import BodyChecker, Problem, SpecChecker, default_spec_path, make_checker
@@ -1303,7 +1303,8 @@ class FakeKlaviyo:
 
     def make_app(self) -> web.Application:
         """Build a new aiohttp application serving the API and the /__sim/ control API over this state."""
-        app = web.Application(middlewares=[_http_errors_as_envelopes], client_max_size=2 * MAX_PAYLOAD)
+        middlewares = [quiet_disconnects, _http_errors_as_envelopes]
+        app = web.Application(middlewares=middlewares, client_max_size=2 * MAX_PAYLOAD)
         impls = self._impls()
         for op in OPERATIONS:
             app.router.add_route(op.method, op.path, self._endpoint(op, impls[op.op_id]))

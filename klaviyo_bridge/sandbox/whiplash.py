@@ -50,7 +50,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from klaviyo_bridge.sandbox._server import serve_app
+from klaviyo_bridge.sandbox._server import CLIENT_CLOSED, quiet_disconnects, serve_app
 from klaviyo_bridge.sandbox.control import ControlRoute, index_handler, index_route
 
 log = logging.getLogger(__name__)
@@ -1084,7 +1084,7 @@ class FakeWhiplash:
 
     def make_app(self) -> web.Application:
         """Build a fresh aiohttp application over this fake's state."""
-        app = web.Application(middlewares=[self._middleware])
+        app = web.Application(middlewares=[quiet_disconnects, self._middleware])
         app.router.add_post("/oauth/token", self._handle_token)
         app.router.add_get("/api/v2/me", self._handle_me)
         app.router.add_get("/api/v2/customers", self._handle_customers)
@@ -1107,6 +1107,9 @@ class FakeWhiplash:
             return response
         except web.HTTPException as exc:
             status = exc.status
+            raise
+        except ConnectionError:
+            status = CLIENT_CLOSED  # the client hung up: nobody received an answer, not even a 500
             raise
         finally:
             self._record(request, status)
