@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -196,6 +197,71 @@ async def test_invalid_grant_status_is_configurable(clock: ManualClock) -> None:
         reply = await Client(http, base_url).token_request(grant_type="refresh_token", refresh_token="x")
 
     assert reply.status == 400
+
+
+async def test_every_issued_token_is_remembered_in_order(client: Client, fake: FakeWhiplash) -> None:
+    """Result: each grant's access token, then its refresh token; refused grants issue nothing."""
+    plain = (await client.token_request(grant_type="client_credentials")).json()
+    first = (await client.token_request(grant_type="refresh_token", refresh_token=FIRST_REFRESH)).json()
+    await client.token_request(grant_type="refresh_token", refresh_token=FIRST_REFRESH)  # revoked by now
+    second = (await client.token_request(grant_type="refresh_token", refresh_token=first["refresh_token"])).json()
+    served = await client.call("GET", "/__sim/tokens")
+
+    expected = [plain["access_token"], first["access_token"], first["refresh_token"], second["access_token"],
+                second["refresh_token"]]
+    assert fake.issued_tokens() == expected
+    assert served.json() == {"issued": expected, "initial_refresh_token": FIRST_REFRESH}
+    assert served.headers["Cache-Control"] == "no-store"
+
+
+async def test_a_token_ttl_of_a_few_seconds_is_honoured(clock: ManualClock, wall: Wall) -> None:
+    fake = FakeWhiplash(CLIENT_ID, CLIENT_SECRET, token_ttl=3, clock=clock, wall=wall)
+    async with serve_whiplash(fake) as base_url, aiohttp.ClientSession() as http:
+        client = Client(http, base_url)
+        login = await client.token_request(grant_type="client_credentials")
+        client.token = login.json()["access_token"]
+        wall.now += 2.9
+        live = await client.orders()
+        wall.now += 0.1
+        expired = await client.orders()
+
+    assert login.json()["expires_in"] == 3
+    assert (live.status, expired.status) == (200, 401)
+
+
+async def test_command_line_token_ttl_reaches_the_token_endpoint() -> None:
+    args = parse_sim_args(["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--token-ttl", "3"])
+    async with serve_whiplash(build_from_args(args)) as base_url, aiohttp.ClientSession() as http:
+        login = await Client(http, base_url).token_request(grant_type="client_credentials")
+
+    assert login.json()["expires_in"] == 3
+
+
+async def test_the_simulator_never_logs_a_token_value(
+    caplog: pytest.LogCaptureFixture, fake: FakeWhiplash
+) -> None:
+    """1. Log everything, access log included. 2. Issue, rotate (parameters in the query string too), refuse,
+    use and expire tokens. Result: no token value in any log line, only fingerprints."""
+    caplog.set_level(logging.DEBUG)
+    async with serve_whiplash(fake, access_log=True) as base_url, aiohttp.ClientSession() as http:
+        client = Client(http, base_url)
+        await client.login()
+        await client.orders()
+        query = {"grant_type": "refresh_token", "refresh_token": FIRST_REFRESH, "client_id": CLIENT_ID,
+                 "client_secret": CLIENT_SECRET}
+        rotated = await client.call("POST", "/oauth/token", params=query)
+        refused = await client.call("POST", "/oauth/token", params=query)
+        client.token = rotated.json()["access_token"]
+        await client.orders()
+        await client.call("POST", "/__sim/tokens/expire")
+        await client.orders()
+
+    assert (rotated.status, refused.status) == (200, 401)
+    assert any(r.name == "aiohttp.access" and "/oauth/token" in r.getMessage() for r in caplog.records)
+    assert fingerprint(FIRST_REFRESH) in caplog.text  # the refusal is logged by fingerprint
+    secrets = [*fake.issued_tokens(), FIRST_REFRESH, CLIENT_SECRET]
+    assert len(secrets) == 5
+    assert [secret for secret in secrets if secret in caplog.text] == []
 
 
 # -------------------------------------------------------------------------------------------- auth

@@ -4,7 +4,8 @@ Invariants: the site is bound before the base URL is yielded, and the runner is 
 the body raises, so no listening socket outlives the block. Shutdown waits at most ``shutdown_timeout`` for
 in-flight requests, so a client holding a slow request cannot keep a test or the demo from ending. A client
 that hangs up mid-request (``quiet_disconnects``, first middleware of both simulators) costs one DEBUG line,
-never an aiohttp "Error handling request" traceback.
+never an aiohttp "Error handling request" traceback. The access log names method and path, never the
+query string, which may carry a token (the Whiplash token endpoint also reads its parameters from it).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ async def serve_app(
 ) -> AsyncIterator[str]:
     """Run ``app`` on host:port (0 picks a free port) and yield its base URL, e.g. ``http://127.0.0.1:4711``."""
     logger = logging.getLogger("aiohttp.access") if access_log else None
-    runner = web.AppRunner(app, access_log=logger, shutdown_timeout=shutdown_timeout)
+    runner = web.AppRunner(
+        app, access_log=logger, access_log_class=QuerylessAccessLog, shutdown_timeout=shutdown_timeout
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -53,6 +57,16 @@ async def serve_app(
         yield base_url(bound_host, bound_port)
     finally:
         await runner.cleanup()
+
+
+class QuerylessAccessLog(AbstractAccessLogger):
+    """One INFO line per request: client, method, path (never the query), status, seconds taken."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """Write the line for one finished request."""
+        self.logger.info(
+            '%s "%s %s" %s %.3f', request.remote, request.method, request.path, response.status, time
+        )
 
 
 def base_url(host: str, port: int) -> str:

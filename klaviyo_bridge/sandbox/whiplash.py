@@ -15,7 +15,10 @@ Invariants:
   issued in exchange is first used, so a client that died before storing the new tokens can refresh again.
 - Injected faults are one-shot and taken first-in-first-out by the next request whose path matches.
 - The ``/__sim/`` control API needs no token, is never faulted and is not counted.
-- Secrets never appear in logs or in ``/__sim/state``; only short fingerprints do.
+- Every token the endpoint issues (each access token, then its refresh token) is remembered in order, so a
+  test can scan a client's output for all of them (``issued_tokens()``, ``GET /__sim/tokens``).
+- Secrets never appear in logs (the access log has no query strings) or in ``/__sim/state``; only short
+  fingerprints do. ``/__sim/tokens`` is the one place that hands tokens out, on purpose.
 """
 
 from __future__ import annotations
@@ -586,6 +589,8 @@ class SimOAuth:
         self._invalid_grant_status = invalid_grant_status
         self._by_access: dict[str, _Grant] = {}
         self._by_refresh: dict[str, _Grant] = {}
+        self._issued: list[str] = []
+        self.initial_refresh_token = refresh_token
         self.current_refresh_token: str | None = None
         self.rotations = 0
         if refresh_token is not None:
@@ -618,6 +623,11 @@ class SimOAuth:
             grant.previous.revoked, grant.previous = True, None
         return None
 
+    @property
+    def issued(self) -> list[str]:
+        """Return every token issued so far, in order: each grant's access token, then its refresh token."""
+        return list(self._issued)
+
     def expire_access_tokens(self) -> None:
         """Make every issued access token expired (refresh tokens stay valid)."""
         for grant in self._by_access.values():
@@ -643,6 +653,7 @@ class SimOAuth:
         refresh = secrets.token_urlsafe(32) if with_refresh else None
         grant = _Grant(secrets.token_urlsafe(32), refresh, scope, created + self._ttl, previous=previous)
         self._store(grant)
+        self._issued += [token for token in (grant.access_token, refresh) if token is not None]
         body: JSONDict = {"access_token": grant.access_token, "token_type": "bearer", "expires_in": self._ttl,
                           "scope": scope, "created_at": int(created)}
         if refresh is not None:
@@ -862,6 +873,10 @@ class FakeWhiplash:
     def current_refresh_token(self) -> str | None:
         """Return the newest refresh token (the only one that still works)."""
         return self.oauth.current_refresh_token
+
+    def issued_tokens(self) -> list[str]:
+        """Return every access and refresh token issued, in order (the seeded refresh token is not one)."""
+        return self.oauth.issued
 
     @property
     def token_requests(self) -> Counter[str]:
@@ -1354,6 +1369,8 @@ CONTROL_ROUTES: Final[tuple[ControlRoute, ...]] = (
         "bump_on_status_change": "bool (optional)", "delay_s": "float (optional): stall every /api/ request",
         "clear_faults": "bool (optional): drop queued faults and the standing delay",
     }),
+    ControlRoute("GET", "/__sim/tokens", "every token issued, in order (each access token, then its refresh "
+                 "token), and the seeded refresh token: for tests that scan a client's output for secrets"),
     ControlRoute("POST", "/__sim/tokens/expire", "expire every access token now (refresh tokens stay valid)"),
     ControlRoute("POST", "/__sim/script", "attach a seeded order generator to a customer and backfill its history", {
         "customer_id": "int (required)", "seed": "int (default 0)", "count": "int (default 0): orders to backfill",
@@ -1378,6 +1395,7 @@ def _add_control_routes(app: web.Application, fake: FakeWhiplash) -> None:
     app.router.add_patch(r"/__sim/orders/{order_id:\d+}", control.update_order)
     app.router.add_post("/__sim/faults", control.add_fault)
     app.router.add_post("/__sim/settings", control.settings)
+    app.router.add_get("/__sim/tokens", control.tokens)
     app.router.add_post("/__sim/tokens/expire", control.expire_tokens)
     app.router.add_post("/__sim/script", control.start_script)
     app.router.add_post("/__sim/tick", control.tick)
@@ -1507,6 +1525,12 @@ class _Control:
         if "delay_s" in body:
             self._fake.set_delay(float(body["delay_s"]))
         return web.json_response(self._fake.state(), dumps=_dumps)
+
+    async def tokens(self, request: web.Request) -> web.StreamResponse:
+        """Return every issued token (secrets, on purpose: leak-scanning tests need the values)."""
+        oauth = self._fake.oauth
+        body = {"issued": oauth.issued, "initial_refresh_token": oauth.initial_refresh_token}
+        return web.json_response(body, headers={"Cache-Control": "no-store"}, dumps=_dumps)
 
     async def expire_tokens(self, request: web.Request) -> web.StreamResponse:
         """Expire every access token."""
