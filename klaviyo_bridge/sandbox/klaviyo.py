@@ -14,6 +14,8 @@ Invariants:
 - A ``filter`` parameter is accepted only in the forms the operation's ``x-klaviyo-filters`` declare (the
   spec's, or the hand-written copy without it; see ``filters``); any other form is a recorded 400 whose
   source is the ``filter`` parameter.
+- A 400 ``detail`` never quotes an email address (an invalid one is "Invalid email address."; one echoed by a
+  schema message is masked as ``<email>``), so neither the bridge's log of ``code: detail`` nor ours holds one.
 - Every 400/410/415 the client causes is recorded as a ``Rejection``. Rejections caused by injected rules are
   only counted, so ``fake.rejections == []`` means "the client sent only valid requests".
 - Profiles are found by lower-cased email, phone number, external id or anonymous id, through an index that
@@ -74,6 +76,7 @@ _TEXT_FIELDS = (*IDENTIFIERS, "first_name", "last_name", "organization", "locale
 _MEDIA_TYPES = ("application/vnd.api+json", "application/json")
 _THROTTLE_DOCS = "https://developers.klaviyo.com/en/docs/rate_limits_and_error_handling#rate-limits"
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_EMAIL_IN_TEXT = re.compile(r"""[^\s'"<>()\[\]{},;:@]+@[^\s'"<>()\[\]{},;:]*""")
 _REVISION = re.compile(r"^(\d{4}-\d{2}-\d{2})(\.[A-Za-z0-9]+)?$")
 _AUTH = re.compile(r"^Klaviyo-API-Key\s+(\S+)$")
 _EARLIEST_EVENT = datetime(1990, 1, 1, tzinfo=UTC)
@@ -210,9 +213,16 @@ class ApiError(Exception):
 
 
 def invalid(detail: str, pointer: str = "/data", *, parameter: str | None = None) -> ApiError:
-    """Return the 400 ``invalid`` error Klaviyo gives for a bad body or parameter."""
+    """Return the 400 ``invalid`` error Klaviyo gives for a bad body or parameter, with any email masked."""
     source = {"parameter": parameter} if parameter is not None else {"pointer": pointer}
-    return ApiError(400, "invalid", "Invalid input.", detail, source=source, recorded=True)
+    return ApiError(400, "invalid", "Invalid input.", masked_emails(detail), source=source, recorded=True)
+
+
+def masked_emails(text: str) -> str:
+    """Replace anything shaped like an email address (e.g. echoed by a schema message) with ``<email>``."""
+    # The bridge logs Klaviyo's ``code: detail``; a shopper's address must not reach its logs (or ours)
+    # through a message that merely quotes the refused value.
+    return _EMAIL_IN_TEXT.sub("<email>", text)
 
 
 def not_found(detail: str) -> ApiError:
@@ -753,7 +763,7 @@ def parse_profile_ref(data: Mapping[str, Any], pointer: str) -> tuple[str | None
         raise invalid("One or more identifiers is required", f"{pointer}/attributes")
     email = attrs.get("email")
     if isinstance(email, str) and not _EMAIL.match(email.strip()):
-        raise invalid(f"Invalid email address: {email!r}", f"{pointer}/attributes/email")
+        raise invalid("Invalid email address.", f"{pointer}/attributes/email")  # never echoes the address
     return profile_id, attrs
 
 
