@@ -1337,7 +1337,7 @@ def _tracking_number(rng: random.Random, carrier: str) -> str:
 # ------------------------------------------------------------------------------------ control API
 
 
-_AT = "Whiplash time, e.g. 2026-09-01T10:00:00-04:00 (optional: default sim now)"
+_AT = "string (optional): when, e.g. 2026-09-01T10:00:00-04:00 (no offset: US Eastern); default sim now"
 _PATH_PREFIX = "string (default /api/): only requests whose path starts with this"
 CONTROL_ROUTES: Final[tuple[ControlRoute, ...]] = (
     index_route("Whiplash"),
@@ -1349,21 +1349,22 @@ CONTROL_ROUTES: Final[tuple[ControlRoute, ...]] = (
                  {"customer_id": "int (required)", "visible": "bool (default true)"}),
     ControlRoute("POST", "/__sim/orders", "create an order (its customer is registered if new)", {
         "customer_id": "int (required)", "status": "int (default 100): a Whiplash status code", "at": _AT,
-        "items": "list of {sku, description, price, quantity?, currency?} (optional)",
+        "items": "list (optional): of {sku, description, price, quantity?, currency?}",
         "email, first_name, last_name, shipping_name, carrier": "string (optional)",
-        "<writable order field>": "any other order field, e.g. shipping_country",
+        "<writable order field>": "any (optional): any other order field, e.g. shipping_country",
     }),
     ControlRoute("POST", "/__sim/orders/{order_id}/status", "move an order to a status (shipping ones add packages)",
                  {"status": "int (required)", "at": _AT,
                   "bump_updated_at": "bool (optional): false models a change that does not touch updated_at"}),
     ControlRoute("PATCH", "/__sim/orders/{order_id}", "change writable fields of an order", {
-        "<writable order field>": "new value", "at": _AT, "bump_updated_at": "bool (default true)",
+        "<writable order field>": "any: its new value", "at": _AT, "bump_updated_at": "bool (default true)",
     }),
     ControlRoute("POST", "/__sim/faults", "queue n one-shot faults for the next matching requests", {
         "kind": "fail | html | truncate | drop | delay (required): error status, 200 maintenance page, JSON cut "
                 "in half, connection reset mid-body, or a stall",
-        "n": "int (default 1)", "status": "int (default 503): for fail", "retry_after": "int or HTTP date (optional)",
-        "seconds": "float (default 0): for delay", "path_prefix": _PATH_PREFIX,
+        "n": "int (default 1)", "status": "int (default 503): for fail",
+        "retry_after": "int or HTTP date (optional): for fail", "seconds": "float (default 0): for delay",
+        "path_prefix": _PATH_PREFIX,
     }),
     ControlRoute("POST", "/__sim/settings", "change modes; answers the new summary", {
         "bump_on_status_change": "bool (optional)", "delay_s": "float (optional): stall every /api/ request",
