@@ -10,10 +10,10 @@ its name.
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 
 from faultkit import CLIENT_ID, CLIENT_SECRET, SEED_TOKEN, Bridge, Sims, caught_up, serve, shops
+
 from klaviyo_bridge.sandbox.klaviyo import EventMatch, ProfileMatch
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, OrderScript
 
@@ -96,7 +96,8 @@ async def test_info_level_output_names_customers_and_orders_not_shoppers(tmp_pat
         bridge = Bridge(tmp_path, sims, [A, B, C]).write()
         async with bridge.running() as proc:
             await proc.wait_for_line(rf"klaviyo refused row customer={A.cid} order=\d+ kind=event", 30)
-            await proc.wait_for_line(rf"klaviyo refused row customer={A.cid} order=- kind=profile profile=\w{{10}} ", 30)
+            await proc.wait_for_line(rf"klaviyo refused row customer={A.cid} order=- kind=profile profile=\w{{10}} ",
+                                     30)
             await proc.wait_for_line(rf"klaviyo errors started customer={B.cid} status=503", 30)
             await proc.wait_for_line(rf"klaviyo key refused customer={C.cid}", 30)
             assert await proc.stop() == 0
