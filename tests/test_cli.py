@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from klaviyo_bridge.cli import main
-from klaviyo_bridge.exits import EX_CONFIG, EX_OK
+from klaviyo_bridge.exits import EX_CONFIG, EX_OK, EX_USAGE
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "pk_do_not_print_me_123456"
@@ -122,3 +122,48 @@ def test_default_config_path_comes_from_the_environment(
     monkeypatch.setenv("KLAVIYO_BRIDGE_CONFIG", str(example_with_state_in(creds.parent)))
     assert main(["check-config"]) == EX_OK
     assert "config ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["resync", "--customer", "101", "--since", "yesterday"],
+        ["resync", "--customer", "abc", "--since", "2026-11-20"],
+        ["resync", "--since", "2026-11-20"],  # a required option missing
+        ["dead-letters", "list", "--customer", "x"],
+        ["status", "--json", "--check"],  # exclusive options
+        ["no-such-command"],
+        [],
+    ],
+)
+def test_a_malformed_command_line_exits_64(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """1. A command line argparse cannot parse. Result: exit 64 (EX_USAGE, not argparse's 2, which status uses
+    for "unhealthy"), the usage and one error line on stderr, no traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == EX_USAGE
+    err = capsys.readouterr().err
+    assert "usage: klaviyo-bridge" in err
+    assert "error:" in err
+    assert "Traceback" not in err
+
+
+def test_help_is_plain_text_and_lists_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    """1. --help. Result: exit 0; every exit code with its meaning; no markup (backticks, double colons)."""
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for code in ("0 ", "1 ", "2 ", "64", "75", "78"):
+        assert f"\n  {code}" in out, code
+    assert "`" not in out
+    assert "::" not in out
+
+
+def test_dead_letters_for_an_unknown_customer_says_so(tmp_path: Path, creds: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """1. dead-letters list / replay --customer 999 (not in the config). Result: exit 64 and a line saying so."""
+    cfg = example_with_state_in(tmp_path)
+    for action in ("list", "replay"):
+        assert main(["dead-letters", action, "--customer", "999", "--config", str(cfg)]) == EX_USAGE
+        assert "customer 999 is not in the config" in capsys.readouterr().err

@@ -74,3 +74,38 @@ def test_text_format_masks_secrets() -> None:
 def test_formatter_choice(fmt: logs.LogFormat, env: dict[str, str], expected: type) -> None:
     """Result: JSON when asked, journald style under systemd, text otherwise."""
     assert isinstance(logs.pick_formatter(fmt, env, io.StringIO()), expected)
+
+
+def test_emails_in_any_line_become_their_keyed_reference() -> None:
+    """1. A key is registered; a line (and a traceback) mentions a shopper's email in two spellings.
+    Result: every spelling is replaced by the same reference, which is not a plain hash of the email."""
+    logs.register_profile_key(b"k" * 32)
+    ref = logs.profile_ref("Ann.Lee+shop@Example.com")
+    assert ref == logs.keyed_ref(b"k" * 32, "ann.lee+shop@example.com")
+    assert ref != logs.keyed_ref(b"j" * 32, "ann.lee+shop@example.com")
+    line = logs.TextFormatter().format(record(logging.WARNING, "detail=%s and %s", "Invalid: Ann.Lee+shop@Example.com",
+                                              "ann.lee+shop@example.com"))
+    assert "ann" not in line.lower()
+    assert line.count(f"[profile {ref}]") == 2
+    doc = json.loads(logs.JsonFormatter().format(record(logging.ERROR, "x %s", "o'brien@example.co.uk")))
+    assert "brien" not in doc["msg"]
+
+
+def test_third_party_loggers_stay_at_warning_whatever_the_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. setup_logging at debug. Result: the bridge's loggers log debug; aiosqlite, asyncio, aiohttp, backoff
+    and any other library stay at WARNING (aiosqlite's debug lines carry SQL parameters: tokens)."""
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        logs.setup_logging("debug", "text", {})
+        assert logging.getLogger("klaviyo_bridge.whiplash").isEnabledFor(logging.DEBUG)
+        for name in ("aiosqlite", "asyncio", "aiohttp.client", "backoff", "some.other.library"):
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+            assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.setLevel(saved[0])
+        for handler in saved[1]:
+            root.addHandler(handler)
+        logging.getLogger("klaviyo_bridge").setLevel(logging.NOTSET)

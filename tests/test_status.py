@@ -10,11 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from klaviyo_bridge import logs
 from klaviyo_bridge.cli import main
-from klaviyo_bridge.config import CustomerSettings
-from klaviyo_bridge.core import EventKind, EventRow, Plan
-from klaviyo_bridge.exits import EX_OK, EX_UNHEALTHY
-from klaviyo_bridge.status import age_text, phase_of, render_status, utc_midnight
+from klaviyo_bridge.config import CustomerSettings, load_config
+from klaviyo_bridge.core import EventKind, EventRow, Plan, ProfileChange, ProfileName
+from klaviyo_bridge.exits import (
+    CHECK_CRITICAL,
+    CHECK_OK,
+    CHECK_UNKNOWN,
+    CHECK_WARNING,
+    EX_FATAL,
+    EX_OK,
+    EX_UNHEALTHY,
+)
+from klaviyo_bridge.status import age_text, check, phase_of, render_status, status_rows, utc_midnight
 from klaviyo_bridge.store import CustomerState, Store
 
 INTERVAL = 60.0
@@ -174,3 +183,149 @@ def test_age_text_and_long_errors_stay_on_one_line() -> None:
     assert len(text.splitlines()) == 2
     assert "line one line two" in text
     assert "REFUSED" in text
+
+
+# --- no secrets needed, --check, --profile ------------------------------------------------------------------
+
+
+def test_status_and_dead_letters_need_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1. A config whose secrets are credential:/env: references that cannot be resolved here (no
+    CREDENTIALS_DIRECTORY, no variables): a monitoring job without root or API keys. 2. status, status --check,
+    status --json, dead-letters list. Result: each works from the config and the state DB alone."""
+    today = datetime.now(UTC).date()
+    cfg = write_config(tmp_path, [Cust(11, today - timedelta(days=3))])
+    cfg.write_text(cfg.read_text().replace('"env:TEST_WHIPLASH"', '"credential:whiplash-client-secret"'))
+    monkeypatch.delenv("TEST_KLAVIYO_KEY")
+    monkeypatch.delenv("TEST_WHIPLASH")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    asyncio.run(seed(tmp_path / "state.db", 11, sent_at=[], queued=0, dead=0, polled=datetime.now(UTC)))
+    assert main(["status", "--config", str(cfg)]) == EX_OK
+    assert main(["status", "--json", "--config", str(cfg)]) == EX_OK
+    assert main(["status", "--check", "--config", str(cfg)]) == CHECK_OK
+    assert main(["dead-letters", "list", "--config", str(cfg)]) == EX_OK
+    err = capsys.readouterr().err
+    assert "config error" not in err
+
+
+def check_of(tmp_path: Path, capsys: pytest.CaptureFixture[str], cfg: Path) -> tuple[int, str]:
+    """Run status --check; return its exit code and its one line."""
+    code = main(["status", "--check", "--config", str(cfg)])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1, out
+    return code, out[0]
+
+
+async def _state(db: Path, cid: int, *, polled_ok: datetime | None = None, failed_poll: datetime | None = None,
+                 refused: bool = False, klaviyo_since: datetime | None = None) -> None:
+    """Shape one customer's health in the state DB as the daemon records it."""
+    store = await Store.open(db)
+    try:
+        if polled_ok is not None:
+            await store.record_poll(cid, polled_ok, True, None)
+        if failed_poll is not None:
+            await store.record_poll(cid, failed_poll, False, "whiplash 503: HTML page \"Service Unavailable\"")
+        if refused:
+            await store.set_key_health(cid, False, "klaviyo 401: not_authenticated", datetime.now(UTC))
+        if klaviyo_since is not None:
+            await store.record_klaviyo_error(cid, "klaviyo 503: unavailable", klaviyo_since)
+    finally:
+        await store.close()
+
+
+def test_check_states(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1. Healthy customers. Result: OK (0) with perfdata. 2. A dead letter. Result: WARNING (1) naming it.
+    3. Klaviyo failing for 10 min. Result: WARNING. 4. A refused key. Result: CRITICAL (2). 5. A customer whose
+    last successful poll is 4 intervals old. Result: CRITICAL naming the stall. 6. No state DB. Result: UNKNOWN
+    (3). 7. An unreadable config. Result: UNKNOWN. Disabled customers never count."""
+    today = datetime.now(UTC).date()
+    now = datetime.now(UTC)
+    cfg = write_config(tmp_path, [Cust(11, today - timedelta(days=3)), Cust(12, today - timedelta(days=3)),
+                                  Cust(13, today - timedelta(days=3), enabled=False)])
+    db = tmp_path / "state.db"
+    asyncio.run(seed(db, 11, sent_at=[now], queued=0, dead=0, polled=now))
+    asyncio.run(seed(db, 12, sent_at=[], queued=0, dead=0, polled=now))
+    asyncio.run(seed(db, 13, sent_at=[], queued=0, dead=4, polled=None))  # disabled: ignored
+    code, line = check_of(tmp_path, capsys, cfg)
+    assert (code, line.split(" - ")[0]) == (CHECK_OK, "KLAVIYO-BRIDGE OK")
+    assert line.endswith("| customers=2 stalled=0 key_refused=0 queued=0 dead=0 sent_today=1")
+
+    asyncio.run(seed(db, 12, sent_at=[], queued=0, dead=1, polled=now))
+    code, line = check_of(tmp_path, capsys, cfg)
+    assert (code, line.split(" - ")[0]) == (CHECK_WARNING, "KLAVIYO-BRIDGE WARNING")
+    assert "customer 12 1 dead letters" in line
+
+    asyncio.run(_state(db, 11, klaviyo_since=now - timedelta(minutes=10)))
+    code, line = check_of(tmp_path, capsys, cfg)
+    assert code == CHECK_WARNING
+    assert "customer 11 Klaviyo failing for 10m" in line
+
+    asyncio.run(_state(db, 11, refused=True))
+    code, line = check_of(tmp_path, capsys, cfg)
+    assert (code, line.split(" - ")[0]) == (CHECK_CRITICAL, "KLAVIYO-BRIDGE CRITICAL")
+    assert line.index("customer 11 Klaviyo key refused") < line.index("customer 12 1 dead letters")
+
+    asyncio.run(_state(db, 12, polled_ok=now - timedelta(seconds=4 * INTERVAL),
+                       failed_poll=now - timedelta(seconds=5)))
+    code, line = check_of(tmp_path, capsys, cfg)
+    assert code == CHECK_CRITICAL
+    assert "customer 12 poll stalled (no poll for 4m" in line
+
+    db.rename(tmp_path / "elsewhere.db")
+    code, line = check_of(tmp_path, capsys, cfg)
+    assert (code, line) == (CHECK_UNKNOWN, f"KLAVIYO-BRIDGE UNKNOWN - no state database at {db}")
+    cfg.write_text("not = [valid")
+    code, line = check_of(tmp_path, capsys, cfg)
+    assert (code, line) == (CHECK_UNKNOWN, "KLAVIYO-BRIDGE UNKNOWN - configuration unusable (run klaviyo-bridge "
+                                           "check-config)")
+
+
+def test_check_warns_about_a_queue_not_draining_and_a_whiplash_streak(tmp_path: Path) -> None:
+    """1. A customer with a row queued 20 minutes ago and polls failing for 6 minutes.
+    Result: WARNING naming both (the streak is not yet a stall: its last success is 6 minutes old)."""
+    today = datetime.now(UTC).date()
+    now = datetime.now(UTC)
+    cfg = write_config(tmp_path, [Cust(11, today - timedelta(days=3))])
+    settings = load_config(cfg, resolve_secrets=False).settings
+    db = tmp_path / "state.db"
+
+    async def shape() -> None:
+        store = await Store.open(db)
+        try:
+            await store.commit_page(11, Plan(events=[event(1)]), None, (), now - timedelta(minutes=20))
+            await store.record_poll(11, now - timedelta(minutes=6), True, None)
+            await store.record_poll(11, now - timedelta(seconds=5), False, "whiplash 502: Bad Gateway")
+        finally:
+            await store.close()
+
+    asyncio.run(shape())
+    # poll interval 60 s: the stall limit is 3 minutes, so make this config's interval long enough.
+    slow = settings.model_copy(update={"bridge": settings.bridge.model_copy(update={"poll_interval_seconds": 300.0})})
+    rows = asyncio.run(status_rows(slow, now))
+    code, line = check(rows, slow)
+    assert code == CHECK_WARNING, line
+    assert "customer 11 queue not draining (oldest row 20m" in line
+    assert "customer 11 Whiplash failing for 6m" in line
+
+
+def test_profile_reference_resolves_on_purpose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1. A profile queued for ann@example.com. 2. status --profile <its log reference>.
+    Result: exit 0 and the customer and email; an unknown reference exits 1 saying so."""
+    today = datetime.now(UTC).date()
+    cfg = write_config(tmp_path, [Cust(11, today)])
+
+    async def queue() -> str:
+        store = await Store.open(tmp_path / "state.db")
+        try:
+            change = ProfileChange("ann@example.com", ProfileName("Ann", None, None, "real"))
+            await store.commit_page(11, Plan(profiles=[change]), None, (), datetime.now(UTC))
+            return logs.keyed_ref(store.profile_key, "ann@example.com")
+        finally:
+            await store.close()
+
+    ref = asyncio.run(queue())
+    assert main(["status", "--profile", ref, "--config", str(cfg)]) == EX_OK
+    assert capsys.readouterr().out == f"profile={ref} customer=11 email=ann@example.com\n"
+    assert main(["status", "--profile", "0123456789", "--config", str(cfg)]) == EX_FATAL
+    assert "no profile with reference" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from bridgekit import toml_str
 from faultkit import REPO, Bridge, Ledger, assert_delivered_once, in_process, serve, shops
 from hypothesis import HealthCheck, given, settings
@@ -178,3 +180,48 @@ async def test_odd_but_real_orders_end_to_end(tmp_path: Path) -> None:
         assert name("ann@example.com") == ("Ann", "Other")  # a plus-tag is a different address
         assert len([p for p in account.profiles.values() if (p.email or "").startswith("ann")]) == 2
         assert {long, zoe, rtl, blank, plus_upper, plus_lower, plain} <= set(ledger.states)
+
+
+INVALID_EMAILS = ("not-an-email", "ann@@example.com", "ann smith@example.com", "ann@localhost", "ann@example..com")
+
+
+async def test_invalid_emails_never_reach_klaviyo(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """1. Five orders whose email is not an address by syntax (no DNS is asked), beside three good ones; a
+    hundred more so history goes in bulk. 2. Drain.
+    Result: those orders get no profile and no event and cost Klaviyo no request (no 400, no bisection); one
+    WARNING names them by order id, never by email; status counts them. 3. One is corrected in Whiplash.
+    Result: its next change is sent and it leaves the count."""
+    caplog.set_level(logging.INFO, logger="klaviyo_bridge")
+    async with serve([A]) as sims:
+        w = sims.whiplash
+        now = datetime.now(UTC).replace(microsecond=0)
+        bad = [int(w.create_order(A.cid, status=100, at=now - timedelta(hours=2), email=e)["id"])
+               for e in INVALID_EMAILS]
+        good = [int(w.create_order(A.cid, status=300, at=now - timedelta(hours=1), email=f"good{i}@example.com")["id"])
+                for i in range(3)]
+        for i in range(100):
+            w.create_order(A.cid, status=100, at=now - timedelta(days=3), email=f"history{i}@example.com")
+        ledger = Ledger(w)
+        ledger.observe_all()
+        bridge = Bridge(tmp_path, sims, [A]).write()
+        async with in_process(bridge) as run:
+            await run.drain()
+            assert (await run.store.counts(A.cid, run.clock())).invalid_email == len(bad)
+            account = sims.account(A)
+            assert not any(e.unique_id.split(":")[0] in {str(b) for b in bad} for e in account.events if e.unique_id)
+            assert {f"{g}:shipped" for g in good} <= {e.unique_id for e in account.events}
+            assert account.counters.rejections == []
+            assert 400 not in account.counters.statuses
+            named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("invalid email")]
+            assert len(named) == 1
+            assert all(str(b) in named[0] for b in bad)
+            assert "@example.com" not in caplog.text
+            assert "localhost" not in caplog.text
+            assert "not-an-email" not in caplog.text
+            w.update_order(bad[0], email="fixed@example.com")
+            w.set_status(bad[0], 120)
+            ledger.observe_all()
+            await run.drain()
+            assert (await run.store.counts(A.cid, run.clock())).invalid_email == len(bad) - 1
+        assert f"{bad[0]}:processing" in {e.unique_id for e in sims.account(A).events}
+        assert_delivered_once(sims, bridge, ledger)
