@@ -3,14 +3,22 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# `make demo` needs the package and the simulators' spec validator only; test tools come with `make test`.
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: test lint type unit promtool soak demo bench clean
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -e '.[sandbox]'
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -58,7 +66,7 @@ SOAK_KILLS ?= 200
 soak: $(STAMP)
 	SOAK_KILLS=$(SOAK_KILLS) $(BIN)/pytest -q -p no:cacheprovider -s -o timeout=0 tests/faults/test_faults_soak.py
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/klaviyo-bridge demo
 
 # Benchmarks against the built-in simulators on loopback (~7 min on 2 cores; prints one table).
