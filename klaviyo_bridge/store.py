@@ -1220,6 +1220,24 @@ class Store:
         wanted = ref.strip().lower()
         return [(int(r[0]), str(r[1])) for r in rows if logs.keyed_ref(self.profile_key, str(r[1])) == wanted]
 
+    async def backup_into(self, dest: Path) -> int:
+        """Write a consistent copy of the whole database to ``dest`` (which must not exist); return its size.
+
+        ``VACUUM INTO`` reads one snapshot (a running daemon keeps writing meanwhile) and works on a read-only
+        connection; the copy is owner-only, like the database: it holds the Whiplash refresh token.
+        """
+        if dest.exists():
+            raise StoreError(f"{dest} already exists; a backup never overwrites a file")
+        previous = os.umask(0o077)
+        try:
+            async with self._read() as db:
+                await db.execute("VACUUM INTO ?", (str(dest),))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write backup {dest}: {exc}") from exc
+        finally:
+            os.umask(previous)
+        return dest.stat().st_size
+
     async def integrity_ok(self) -> bool:
         """Run the full PRAGMA integrity_check and tell whether it passed."""
         async with self._read() as db:

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import sqlite3
+import stat
 from contextlib import closing
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -421,3 +422,37 @@ def test_a_bad_config_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str
     bad.write_text(write_config(tmp_path).read_text() + "\n[colour]\nx = 1\n")
     assert main([*argv, "--config", str(bad)]) == 78
     assert "config error: colour: unknown key" in capsys.readouterr().err
+
+
+def test_backup_is_a_consistent_private_copy_and_restores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1. A state DB with dead letters, the daemon's writer connection open. 2. backup --to a new file.
+    Result: exit 0; the copy is owner-only, passes integrity_check and holds the same rows. 3. backup to the same
+    path again. Result: exit 1, nothing overwritten. 4. Restore: the copy replaces the DB. Result: it opens for
+    writing (migrations, WAL) and the dead letters are there."""
+    cfg = write_config(tmp_path)
+    ids = asyncio.run(make_dead(tmp_path / "state.db", A, [7001, 7002], profile="ann@example.com"))
+    dest = tmp_path / "backups" / "state-copy.db"
+    dest.parent.mkdir()
+
+    async def backup_while_written() -> None:
+        async with await Store.open(tmp_path / "state.db"):
+            assert await asyncio.to_thread(main, ["backup", "--to", str(dest), "--config", str(cfg)]) == EX_OK
+
+    asyncio.run(backup_while_written())
+    assert "integrity ok" in capsys.readouterr().out
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    before = dest.read_bytes()
+    assert main(["backup", "--to", str(dest), "--config", str(cfg)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert dest.read_bytes() == before
+
+    (tmp_path / "state.db").unlink()
+    for companion in ("state.db-wal", "state.db-shm"):
+        (tmp_path / companion).unlink(missing_ok=True)
+    dest.rename(tmp_path / "state.db")
+
+    async def restored() -> list[int]:
+        async with await Store.open(tmp_path / "state.db") as store:
+            return [r.id for r in await store.dead_rows(A)]
+
+    assert asyncio.run(restored()) == sorted(ids)
