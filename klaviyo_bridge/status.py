@@ -246,9 +246,9 @@ def _critical(row: StatusRow) -> list[str]:
     found = []
     if row.stale:
         idle = "never completed a poll" if row.poll_age_s is None else f"no poll for {age_text(row.poll_age_s)}"
-        found.append(f"customer {row.customer_id} poll stalled ({idle})")
+        found.append(f"customer {row.customer_id}: poll stalled ({idle})")
     if row.key != "ok":
-        found.append(f"customer {row.customer_id} Klaviyo key refused")
+        found.append(f"customer {row.customer_id}: Klaviyo key refused")
     return found
 
 
@@ -256,13 +256,13 @@ def _warnings(row: StatusRow, settings: Settings) -> list[str]:
     """Return what makes a customer's state WARNING: dead letters, a queue not draining, an error streak."""
     found = []
     if row.dead:
-        found.append(f"customer {row.customer_id} {row.dead} dead letters")
+        found.append(f"customer {row.customer_id}: {row.dead} dead letter{'s' if row.dead != 1 else ''}")
     queue_limit = max(QUEUE_WARN.total_seconds(), STALE_POLLS * settings.bridge.poll_interval_seconds)
     if row.key == "ok" and row.oldest_queued_s is not None and row.oldest_queued_s > queue_limit:
-        found.append(f"customer {row.customer_id} queue not draining (oldest row {age_text(row.oldest_queued_s)})")
+        found.append(f"customer {row.customer_id}: queue not draining (oldest row {age_text(row.oldest_queued_s)})")
     for upstream, failing in (("Whiplash", row.whiplash_failing_s), ("Klaviyo", row.klaviyo_failing_s)):
         if failing is not None and failing >= STREAK_WARN.total_seconds() and not row.stale:
-            found.append(f"customer {row.customer_id} {upstream} failing for {age_text(failing)}")
+            found.append(f"customer {row.customer_id}: {upstream} failing for {age_text(failing)}")
     return found
 
 

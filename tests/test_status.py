@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -254,23 +255,23 @@ def test_check_states(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     asyncio.run(seed(db, 12, sent_at=[], queued=0, dead=1, polled=now))
     code, line = check_of(tmp_path, capsys, cfg)
     assert (code, line.split(" - ")[0]) == (CHECK_WARNING, "KLAVIYO-BRIDGE WARNING")
-    assert "customer 12 1 dead letters" in line
+    assert re.search(r"customer 12: 1 dead letter( |;|$)", line.split(" | ")[0])
 
     asyncio.run(_state(db, 11, klaviyo_since=now - timedelta(minutes=10)))
     code, line = check_of(tmp_path, capsys, cfg)
     assert code == CHECK_WARNING
-    assert "customer 11 Klaviyo failing for 10m" in line
+    assert "customer 11: Klaviyo failing for 10m" in line
 
     asyncio.run(_state(db, 11, refused=True))
     code, line = check_of(tmp_path, capsys, cfg)
     assert (code, line.split(" - ")[0]) == (CHECK_CRITICAL, "KLAVIYO-BRIDGE CRITICAL")
-    assert line.index("customer 11 Klaviyo key refused") < line.index("customer 12 1 dead letters")
+    assert line.index("customer 11: Klaviyo key refused") < line.index("customer 12: 1 dead letter")
 
     asyncio.run(_state(db, 12, polled_ok=now - timedelta(seconds=4 * INTERVAL),
                        failed_poll=now - timedelta(seconds=5)))
     code, line = check_of(tmp_path, capsys, cfg)
     assert code == CHECK_CRITICAL
-    assert "customer 12 poll stalled (no poll for 4m" in line
+    assert "customer 12: poll stalled (no poll for 4m" in line
 
     db.rename(tmp_path / "elsewhere.db")
     code, line = check_of(tmp_path, capsys, cfg)
@@ -305,8 +306,8 @@ def test_check_warns_about_a_queue_not_draining_and_a_whiplash_streak(tmp_path: 
     rows = asyncio.run(status_rows(slow, now))
     code, line = check(rows, slow)
     assert code == CHECK_WARNING, line
-    assert "customer 11 queue not draining (oldest row 20m" in line
-    assert "customer 11 Whiplash failing for 6m" in line
+    assert "customer 11: queue not draining (oldest row 20m" in line
+    assert "customer 11: Whiplash failing for 6m" in line
 
 
 def test_profile_reference_resolves_on_purpose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
