@@ -412,6 +412,7 @@ class Deliverer:
         failpoints.hit("after_send_before_mark")
         await self.store.mark_sent_many(rows, self.clock())
         self.stats.sent += len(rows)
+        log.debug("klaviyo accepted bulk customer=%s kind=%s rows=%d", self.customer_id, rows[0].kind, len(rows))
         await self.on_accepted()
 
     async def on_transient_many(self, rows: Sequence[OutboxRow], exc: TransientUpstream | MalformedPayload) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -30,6 +31,8 @@ from .config import WhiplashSettings
 from .orders import Order, order_key
 from .store import Store
 from .whiplash import Key, Page, TokenManager, TokenVault, WhiplashAuth, WhiplashClient, build_page
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 PageHook = Callable[[Page, int], None]  # (committed page, rows it queued)
@@ -137,6 +140,8 @@ async def sync_window(
             plan, queued, already = await commit_page(store, rules, page, cursor, now)
             failpoints.hit("after_outbox_commit")
             stats.add(page, plan, queued, already, now)
+            log.debug("page committed customer=%s orders=%d malformed=%d queued=%d cursor=%s", rules.customer_id,
+                      len(page.orders), len(page.malformed), queued, "held" if cursor is None else cursor[0].isoformat())
             if on_page is not None:
                 on_page(page, queued)
             if stop is not None and stop.is_set():

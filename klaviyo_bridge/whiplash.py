@@ -574,6 +574,7 @@ class WhiplashClient:
             await self._tokens.invalidate(used[0])
             used.append(await self._tokens.access_token())
             reply = await self._send(used[-1], customer_id, params)
+        log.debug("whiplash orders customer=%s status=%d bytes=%d", customer_id, reply.status, len(reply.text))
         secrets = (*used, *self._tokens.secrets())
         _raise_for_status(reply, secrets, time.time())
         data = _json_body(reply, secrets)

@@ -10,6 +10,9 @@ its name.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import sys
 from pathlib import Path
 
 from faultkit import CLIENT_ID, CLIENT_SECRET, SEED_TOKEN, Bridge, Sims, caught_up, serve, shops
@@ -57,9 +60,11 @@ async def test_debug_level_output_holds_no_token_or_secret(tmp_path: Path) -> No
             script.backfill(20, days=5)
         bridge = Bridge(tmp_path, sims, [A, B], {"bridge": {"log_level": '"debug"'}}).write()
         async with bridge.running() as proc:
-            deadline = asyncio.get_running_loop().time() + 40
-            while len(fake.issued_tokens()) < 12 or not caught_up(bridge.state_path, fake, [A.cid, B.cid]):
-                assert asyncio.get_running_loop().time() < deadline, proc.log
+            loop = asyncio.get_running_loop()
+            deadline, expired = loop.time() + 40, loop.time() + 2 * TOKEN_TTL_S  # tokens expire under it, too
+            while (len(fake.issued_tokens()) < 12 or loop.time() < expired
+                   or not caught_up(bridge.state_path, fake, [A.cid, B.cid])):
+                assert loop.time() < deadline, proc.log
                 for script in scripts:
                     script.spawn(1)
                 await asyncio.sleep(0.5)
@@ -100,9 +105,47 @@ async def test_info_level_output_names_customers_and_orders_not_shoppers(tmp_pat
                                      30)
             await proc.wait_for_line(rf"klaviyo errors started customer={B.cid} status=503", 30)
             await proc.wait_for_line(rf"klaviyo key refused customer={C.cid}", 30)
+            status = {row["customer_id"]: row for row in json.loads(await bridge_status(bridge))}
             assert await proc.stop() == 0
         output = proc.log
         values = personal_values(sims)
+    # The storm shows in status (not "ok" with no error, as a refused key would not either).
+    assert status[B.cid]["klaviyo"].startswith("failing")
+    assert status[B.cid]["last_error"].startswith("klaviyo 503")
+    assert status[C.cid]["key"] == "REFUSED"
     assert len(values) > 20
     assert leaks(output, values) == []
     assert "Traceback" not in output
+
+
+async def bridge_status(bridge: Bridge) -> str:
+    """Return ``klaviyo-bridge status --json`` for the bridge's config (no secret in its environment)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "klaviyo_bridge", "status", "--json", "--config", str(bridge.config_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(bridge.tmp),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode in (0, 2), err.decode()
+    return out.decode()
+
+
+async def test_a_refused_key_is_never_quiet(tmp_path: Path) -> None:
+    """1. A's key is revoked; key_probe_seconds = 1. The daemon runs 3.5 s. Result: one ERROR when first refused,
+    then a WARNING at each failed probe (about one a second, not one per request). 2. Restart with the key still
+    refused. Result: the refusal is logged again at start, as a WARNING ("still refused")."""
+    async with serve([A]) as sims:
+        OrderScript(sims.whiplash, A.cid, seed=3).backfill(10, days=3)
+        sims.klaviyo.revoke(A.key)
+        bridge = Bridge(tmp_path, sims, [A]).write()
+        async with bridge.running() as proc:
+            await proc.wait_for_line(rf"ERROR .*klaviyo key refused customer={A.cid}", 20)
+            await asyncio.sleep(3.5)
+            assert await proc.stop() == 0
+        first = [line for line in proc.log.splitlines() if "klaviyo key" in line]
+        async with bridge.running() as again:
+            await again.wait_for_line(rf"WARNING .*klaviyo key still refused customer={A.cid}", 20)
+            assert await again.stop() == 0
+    assert " ERROR " in first[0]
+    still = [line for line in first[1:] if "still refused" in line]
+    assert 2 <= len(still) <= 5, first
+    assert all(" WARNING " in line and "action=" in line for line in still)
