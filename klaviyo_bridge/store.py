@@ -448,6 +448,16 @@ def _create_private_file(path: Path) -> bool:
     return True
 
 
+def _reserve_private_file(dest: Path) -> None:
+    """Create ``dest`` empty and owner-only (VACUUM INTO fills an empty file); never overwrite one."""
+    try:
+        os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        raise StoreError(f"{dest} already exists; a backup never overwrites a file") from None
+    except OSError as exc:
+        raise StoreError(f"cannot write backup {dest}: {exc.strerror or exc}") from None
+
+
 def _target(path: Path, readonly: bool) -> str:
     """Return what to hand sqlite3.connect: a read-only URI, or the path of a file that now exists."""
     if not readonly:
@@ -1226,17 +1236,13 @@ class Store:
         ``VACUUM INTO`` reads one snapshot (a running daemon keeps writing meanwhile) and works on a read-only
         connection; the copy is owner-only, like the database: it holds the Whiplash refresh token.
         """
-        if dest.exists():
-            raise StoreError(f"{dest} already exists; a backup never overwrites a file")
-        previous = os.umask(0o077)
+        await asyncio.to_thread(_reserve_private_file, dest)
         try:
             async with self._read() as db:
                 await db.execute("VACUUM INTO ?", (str(dest),))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write backup {dest}: {exc}") from exc
-        finally:
-            os.umask(previous)
-        return dest.stat().st_size
+        return await asyncio.to_thread(os.path.getsize, dest)
 
     async def integrity_ok(self) -> bool:
         """Run the full PRAGMA integrity_check and tell whether it passed."""

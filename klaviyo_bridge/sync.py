@@ -141,7 +141,7 @@ async def sync_window(
             failpoints.hit("after_outbox_commit")
             stats.add(page, plan, queued, already, now)
             log.debug("page committed customer=%s orders=%d malformed=%d queued=%d cursor=%s", rules.customer_id,
-                      len(page.orders), len(page.malformed), queued, "held" if cursor is None else cursor[0].isoformat())
+                      len(page.orders), len(page.malformed), queued, "held" if cursor is None else cursor[0])
             if on_page is not None:
                 on_page(page, queued)
             if stop is not None and stop.is_set():
