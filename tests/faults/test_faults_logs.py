@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import sys
 from pathlib import Path
 
-from faultkit import CLIENT_ID, CLIENT_SECRET, SEED_TOKEN, Bridge, Sims, caught_up, serve, shops
+import pytest
+from faultkit import CLIENT_ID, CLIENT_SECRET, SEED_TOKEN, Bridge, Sims, caught_up, in_process, serve, shops
 
 from klaviyo_bridge.sandbox.klaviyo import EventMatch, ProfileMatch
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, OrderScript
@@ -148,3 +151,22 @@ async def test_a_refused_key_is_never_quiet(tmp_path: Path) -> None:
     still = [line for line in first[1:] if "still refused" in line]
     assert 2 <= len(still) <= 5, first
     assert all(" WARNING " in line and "action=" in line for line in still)
+
+
+async def test_the_cycle_line_appears_only_when_something_happened(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """1. A backfill is read and delivered. Result: cycle lines with newly_queued= and sent=. 2. Three more
+    cycles with nothing new (each re-reads the overlap window). Result: no cycle line at all."""
+    caplog.set_level(logging.INFO, logger="klaviyo_bridge")
+    async with serve([A]) as sims:
+        OrderScript(sims.whiplash, A.cid, seed=11).backfill(15, days=2)
+        bridge = Bridge(tmp_path, sims, [A], {"whiplash": {"overlap_seconds": "86400"}}).write()
+        async with in_process(bridge) as run:
+            await run.drain()
+            busy = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cycle ")]
+            assert busy
+            assert re.search(r"newly_queued=[1-9]\d* sent=", busy[0])
+            caplog.clear()
+            for _ in range(3):
+                await run.cycle()
+            assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("cycle ")] == []
