@@ -96,6 +96,8 @@ def test_third_party_loggers_stay_at_warning_whatever_the_level(monkeypatch: pyt
     and any other library stay at WARNING (aiosqlite's debug lines carry SQL parameters: tokens)."""
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
+    touched = ("klaviyo_bridge", "aiosqlite", "asyncio", "aiohttp", "backoff")
+    levels = {name: logging.getLogger(name).level for name in touched}
     try:
         logs.setup_logging("debug", "text", {})
         assert logging.getLogger("klaviyo_bridge.whiplash").isEnabledFor(logging.DEBUG)
@@ -108,4 +110,5 @@ def test_third_party_loggers_stay_at_warning_whatever_the_level(monkeypatch: pyt
         root.setLevel(saved[0])
         for handler in saved[1]:
             root.addHandler(handler)
-        logging.getLogger("klaviyo_bridge").setLevel(logging.NOTSET)
+        for name, level in levels.items():  # other tests' caplog must see these loggers as before
+            logging.getLogger(name).setLevel(level)
