@@ -277,15 +277,21 @@ class EventSettings(BaseModel):
     @model_validator(mode="after")
     def _names_distinct(self) -> Self:
         """Reject two milestones sharing one metric (flows could not tell them apart)."""
-        first: dict[str, EventKind] = {}
-        problems: list[tuple[Loc, str]] = []
-        for kind in EventKind:
-            name = self.name_for(kind)
-            owner = first.setdefault(name.strip().casefold(), kind)
-            if owner is not kind:
-                problems.append(((kind.value,), f"same metric name as events.{owner.value} ({_quote(name)})"))
-        _raise_cross(problems)
+        names = {kind: self.name_for(kind) for kind in EventKind}
+        _raise_cross([((kind.value,), f"same metric name as events.{owner.value} ({_quote(names[kind])})")
+                      for kind, owner in _shared_names(names)])
         return self
+
+
+def _shared_names(names: Mapping[EventKind, str]) -> list[tuple[EventKind, EventKind]]:
+    """Return (kind, earlier kind) for every metric name already used by an earlier milestone (case-blind)."""
+    first: dict[str, EventKind] = {}
+    shared = []
+    for kind, name in names.items():
+        owner = first.setdefault(name.strip().casefold(), kind)
+        if owner is not kind:
+            shared.append((kind, owner))
+    return shared
 
 
 class StatusSettings(BaseModel):
@@ -323,8 +329,28 @@ class StatusSettings(BaseModel):
         return self
 
 
+EventName = Literal["processing", "cancelled", "shipped", "delivered"]
+ALL_EVENTS: tuple[EventName, ...] = ("processing", "cancelled", "shipped", "delivered")
+
+
+class MetricOverrides(BaseModel):
+    """One merchant's own metric names, replacing [events] for that merchant only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    processing: MetricName | None = None
+    cancelled: MetricName | None = None
+    shipped: MetricName | None = None
+    delivered: MetricName | None = None
+
+    def name_for(self, kind: EventKind) -> str | None:
+        """Return the merchant's own name for ``kind``, if it set one."""
+        name: str | None = getattr(self, kind.value)
+        return name
+
+
 class CustomerSettings(BaseModel):
-    """One merchant: its Whiplash customer id and its own Klaviyo account."""
+    """One merchant: its Whiplash customer id, its own Klaviyo account and the events it gets."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -335,6 +361,26 @@ class CustomerSettings(BaseModel):
     backfill_days: Int = Field(default=14, ge=0, le=14)
     list_name: NonEmptyStr = "Whiplash"
     enabled: Annotated[bool, Strict()] = True
+    # The milestones this merchant gets as events ([] = profiles and list only); profiles are never affected.
+    events: tuple[EventName, ...] = ALL_EVENTS
+    metrics: MetricOverrides = Field(default_factory=MetricOverrides)
+
+    @field_validator("events")
+    @classmethod
+    def _events_once(cls, events: tuple[EventName, ...]) -> tuple[EventName, ...]:
+        """Reject an event listed twice (a typo or a merge gone wrong; say which)."""
+        seen: set[str] = set()
+        problems: list[tuple[Loc, str]] = []
+        for index, name in enumerate(events):
+            if name in seen:
+                problems.append(((index,), f"{_quote(name)} is listed twice"))
+            seen.add(name)
+        _raise_cross(problems)
+        return events
+
+    def enabled_events(self) -> frozenset[EventKind]:
+        """Return the milestones this merchant gets as events."""
+        return frozenset(EventKind(name) for name in self.events)
 
 
 class Settings(BaseModel):
@@ -364,6 +410,24 @@ class Settings(BaseModel):
         _raise_cross(problems)
         return customers
 
+    @model_validator(mode="after")
+    def _customer_metrics_distinct(self) -> Self:
+        """Reject a merchant whose own metric names make two of its milestones share one metric."""
+        problems: list[tuple[Loc, str]] = []
+        for index, customer in enumerate(self.customers):
+            names = self.metric_names_for(customer)
+            problems += [
+                (("customers", index, "metrics", kind.value),
+                 f"same metric name as {owner.value} for this customer ({_quote(names[kind])})")
+                for kind, owner in _shared_names(names)
+            ]
+        _raise_cross(problems)
+        return self
+
+    def metric_names_for(self, customer: CustomerSettings) -> dict[EventKind, str]:
+        """Return the metric name of each milestone for ``customer``: its own, else [events]'."""
+        return {kind: customer.metrics.name_for(kind) or self.events.name_for(kind) for kind in EventKind}
+
     def enabled_customers(self) -> tuple[CustomerSettings, ...]:
         """Return the customers the daemon should poll."""
         return tuple(customer for customer in self.customers if customer.enabled)
@@ -373,9 +437,10 @@ class Settings(BaseModel):
         return Rules(
             customer_id=customer.whiplash_customer_id,
             launch_date=customer.launch_date,
-            metric_names={kind: self.events.name_for(kind) for kind in EventKind},
+            metric_names=self.metric_names_for(customer),
             status_events=self.statuses.event_by_code(),
             stale_after=timedelta(hours=self.events.stale_after_hours),
+            enabled=customer.enabled_events(),
         )
 
 

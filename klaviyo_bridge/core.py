@@ -78,6 +78,8 @@ class Rules:
     metric_names: Mapping[EventKind, str]
     status_events: Mapping[int, EventKind]  # Whiplash status code → event
     stale_after: timedelta  # older changes are recorded as backfill so no flow sends a stale email
+    # The milestones this customer gets as events; a status change to another one is remembered, not sent.
+    enabled: frozenset[EventKind] = frozenset(EventKind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +261,7 @@ def _memory(order: Order, prev: OrderMemory | None, sent: EventKind | None) -> O
 
 def _announceable(order: Order, rules: Rules, prev: OrderMemory | None) -> EventKind | None:
     kind = event_for(order, rules)
-    if kind is None or (prev is not None and kind in prev.announced):
+    if kind is None or kind not in rules.enabled or (prev is not None and kind in prev.announced):
         return None
     return None if _is_regression(kind, rules, prev) else kind
 
@@ -400,13 +402,28 @@ _SAMPLE_TRACKING = "1Z999AA10123456784"
 
 
 def sample_events(rules: Rules, email: str, now: datetime) -> list[EventRow]:
-    """Return one backfilled sample event per kind so a merchant can build flows before launch."""
-    return [_sample_event(rules, email, kind, now) for kind in EventKind]
+    """Return one backfilled sample event per enabled kind so a merchant can build flows before launch."""
+    return [_sample_event(rules, email, kind, now) for kind in EventKind if kind in rules.enabled]
+
+
+def sample_unique_id(kind: EventKind, metric: str) -> str:
+    """Return a sample event's ``unique_id``: one per kind and metric name, so a renamed metric gets its own."""
+    default = DEFAULT_METRIC_NAMES[kind]
+    return f"sample:{kind.value}" if metric == default else f"sample:{kind.value}:{metric}"
+
+
+def event_kind_of_key(key: str) -> EventKind | None:
+    """Return the milestone an event row's key (``"{order}:{kind}"`` or a sample's) announces, if it names one."""
+    parts = key.split(":")
+    try:
+        return EventKind(parts[1]) if len(parts) > 1 else None
+    except ValueError:
+        return None
 
 
 def _sample_event(rules: Rules, email: str, kind: EventKind, now: datetime) -> EventRow:
     payload = event_payload(_sample_order(rules, email, kind, now), kind, rules, now)
-    payload.update(unique_id=f"sample:{kind.value}", backfill=True)
+    payload.update(unique_id=sample_unique_id(kind, payload["metric"]), backfill=True)
     payload["properties"] = {**payload["properties"], "OrderId": "SAMPLE", "Sample": True}
     return EventRow(payload["unique_id"], None, kind, payload)
 

@@ -43,6 +43,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from . import failpoints, logs
+from .core import EventKind, event_kind_of_key
 from .errors import AuthFailed, MalformedPayload, PermanentUpstream, TransientUpstream, UpstreamError
 from .health import UpstreamHealth
 from .klaviyo import (
@@ -153,6 +154,7 @@ class Deliverer:
         health: UpstreamHealth | None = None,
         key_probe_seconds: float = 300.0,
         monotonic: Callable[[], float] = time.monotonic,
+        events: frozenset[EventKind] = frozenset(EventKind),
     ) -> None:
         self.customer_id = customer_id
         self.store = store
@@ -168,6 +170,7 @@ class Deliverer:
         self.key_refused = False
         self.health = health if health is not None else UpstreamHealth("klaviyo")
         self.key_probe_seconds = key_probe_seconds
+        self.events = events  # the milestones this customer gets; a row announcing another is dropped, not sent
         self._monotonic = monotonic
         # What the store says, once read: writes happen only when these change (None: not read yet).
         self._key_healthy: bool | None = None
@@ -205,9 +208,20 @@ class Deliverer:
             rows = await self.store.due_rows(self.customer_id, self.clock(), self.event_fetch, "event")
             if not rows:
                 break
+            rows = await self._without_disabled(rows)
             await self.send_events(rows, profiles_done)
             attempted += len(rows)
         return attempted
+
+    async def _without_disabled(self, rows: list[OutboxRow]) -> list[OutboxRow]:
+        """Drop rows of events the customer no longer gets (say a dead letter replayed after a reload)."""
+        unwanted = [row for row in rows if (kind := event_kind_of_key(row.key)) is not None and kind not in self.events]
+        if not unwanted:
+            return rows
+        dropped = await self.store.drop_rows(unwanted)
+        log.info("queued events dropped customer=%s rows=%d reason=disabled_for_customer", self.customer_id, dropped)
+        gone = {row.id for row in unwanted}
+        return [row for row in rows if row.id not in gone]
 
     # -- routing -------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .core import DEFAULT_METRIC_NAMES, DEFAULT_STATUS_EVENTS
+from .core import DEFAULT_METRIC_NAMES, DEFAULT_STATUS_EVENTS, EventKind
 from .sandbox.world import (
     Sandbox,
     SandboxCustomer,
@@ -214,9 +214,18 @@ def plan_text(c: SandboxCustomer) -> str:
     now = datetime.now(UTC)
     launch = f"{c.launch_date} ({relative_day(c.launch_date, now)})"
     if not c.is_launched(now):
-        return f"launch {launch}: set-up only — list, sample profile, one sample event per metric"
+        return f"launch {launch}: set-up only — list, sample profile, one sample event per metric it gets"
     text = f"launched {launch}, backfill_days={c.backfill_days}: reads changes since {c.window_start:%Y-%m-%d}"
+    if c.events is not None:
+        text += f"; gets only {' and '.join(c.events)}"
     return text + ("; its Klaviyo key is revoked" if c.revoked else "")
+
+
+def metric_names(c: SandboxCustomer) -> dict[EventKind, str]:
+    """Return the metric name of each event this customer gets (its own names where it has them)."""
+    own = dict(c.metrics)
+    enabled = [EventKind(e) for e in c.events] if c.events is not None else list(EventKind)
+    return {kind: own.get(kind.value, DEFAULT_METRIC_NAMES[kind]) for kind in EventKind if kind in enabled}
 
 
 def relative_day(day: date, now: datetime) -> str:
@@ -246,7 +255,7 @@ def customer_section(sandbox: Sandbox, c: SandboxCustomer, row: Status, now: dat
         f"{c.cid} {c.name} — {plan_text(c)}",
         *whiplash_lines(sandbox, c, now),
         f"  klaviyo:  {plural(len(acct.profiles), 'profile')}, list {c.list_name!r} has {plural(members, 'member')}",
-        *event_table(acct),
+        *event_table(acct, metric_names(c)),
         *refused_lines(acct, row),
     ]
 
@@ -268,8 +277,9 @@ def whiplash_lines(sandbox: Sandbox, c: SandboxCustomer, now: datetime) -> list[
         return [f"  whiplash: {len(orders)} orders, none read before launch"]
     read = [o for o in orders if o.updated_at >= c.window_start]
     no_email = sum(1 for o in read if not o.email)
-    announced = announced_count(sandbox.klaviyo.account(str(c.cid)), read)
-    mapped = sum(1 for o in read if o.email and o.status in DEFAULT_STATUS_EVENTS)
+    wanted = set(metric_names(c))
+    announced = announced_count(sandbox.klaviyo.account(str(c.cid)), read, wanted)
+    mapped = sum(1 for o in read if o.email and DEFAULT_STATUS_EVENTS.get(o.status) in wanted)
     return [
         f"  whiplash: {len(orders)} orders: {len(read)} changed since {c.window_start:%Y-%m-%d} (read), "
         f"{len(orders) - len(read)} older (not read); {no_email} read without email (no profile, no event)",
@@ -277,27 +287,33 @@ def whiplash_lines(sandbox: Sandbox, c: SandboxCustomer, now: datetime) -> list[
     ]
 
 
-def announced_count(acct: Account, orders: Sequence[SimOrder]) -> int:
-    """Count orders whose current status's event is recorded in Klaviyo."""
+def announced_count(acct: Account, orders: Sequence[SimOrder], wanted: set[EventKind]) -> int:
+    """Count orders whose current status's event (one the customer gets) is recorded in Klaviyo."""
     have = {e.unique_id for e in acct.events}
     return sum(
         1 for o in orders
-        if o.email and o.status in DEFAULT_STATUS_EVENTS and f"{o.id}:{DEFAULT_STATUS_EVENTS[o.status].value}" in have
+        if o.email and (kind := DEFAULT_STATUS_EVENTS.get(o.status)) in wanted and kind is not None
+        and f"{o.id}:{kind.value}" in have
     )
 
 
-def event_table(acct: Account) -> list[str]:
-    """Tabulate recorded events per metric: set-up samples, backfill (no flows) and live (flows fire)."""
+def event_table(acct: Account, names: dict[EventKind, str]) -> list[str]:
+    """Tabulate recorded events per metric the customer gets: samples, backfill (no flows), live (flows fire).
+
+    A metric the customer does not get appears only if something was recorded under it (it never should be).
+    """
     if not acct.events:
         return ["  events:   none recorded"]
     counts: Counter[tuple[str, str]] = Counter()
     for e in acct.events:
         column = "sample" if (e.unique_id or "").startswith("sample:") else "backfill" if e.backfill else "live"
         counts[(e.metric, column)] += 1
-    lines = [f"  {'events':<20}{'sample':>8}{'backfill':>10}{'live':>6}"]
-    for metric in DEFAULT_METRIC_NAMES.values():
+    metrics = list(names.values()) + sorted({m for m, _ in counts} - set(names.values()))
+    width = max(20, *(len(m) + 2 for m in metrics))
+    lines = [f"  {'events':<{width}}{'sample':>8}{'backfill':>10}{'live':>6}"]
+    for metric in metrics:
         cells = [counts[(metric, col)] for col in ("sample", "backfill", "live")]
-        lines.append(f"  {metric:<20}{cells[0]:>8}{cells[1]:>10}{cells[2]:>6}")
+        lines.append(f"  {metric:<{width}}{cells[0]:>8}{cells[1]:>10}{cells[2]:>6}")
     return lines
 
 

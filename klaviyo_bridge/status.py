@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from .config import CustomerSettings, Settings
+from .config import ALL_EVENTS, CustomerSettings, Settings
 from .exits import CHECK_CRITICAL, CHECK_OK, CHECK_WARNING
 from .store import CustomerState, Store
 
@@ -36,6 +36,7 @@ class StatusRow:
     name: str
     enabled: bool
     launch_date: str
+    events: str  # the milestones it gets: "all", "none" or e.g. "shipped,delivered"
     phase: str
     last_poll_ok: str | None
     poll_age_s: float | None
@@ -53,6 +54,7 @@ class StatusRow:
     oldest_queued_s: float | None  # age of the oldest row still waiting
     whiplash_failing_s: float | None  # how long this customer's polls have been failing (None: the last one worked)
     klaviyo_failing_s: float | None  # how long its Klaviyo requests have been failing (None: not failing)
+    dropped: int  # queued rows dropped, never sent, because their event was disabled for this customer
 
     def as_dict(self) -> dict[str, object]:
         """Return the row as a JSON-ready dict."""
@@ -109,6 +111,7 @@ async def _row(store: Store, customer: CustomerSettings, now: datetime, limit: t
         name=customer.name,
         enabled=customer.enabled,
         launch_date=customer.launch_date.isoformat(),
+        events=events_text(customer),
         phase=phase_of(customer, state, now),
         last_poll_ok=_utc_text(ok),
         poll_age_s=age,
@@ -126,7 +129,15 @@ async def _row(store: Store, customer: CustomerSettings, now: datetime, limit: t
         oldest_queued_s=_seconds(now, counts.oldest_queued_at) if counts.queued else None,
         whiplash_failing_s=_whiplash_failing(state, now),
         klaviyo_failing_s=klaviyo_failing,
+        dropped=state.dropped_rows,
     )
+
+
+def events_text(customer: CustomerSettings) -> str:
+    """Name the milestones a customer gets: "all", "none", or the list in the config's order."""
+    if set(customer.events) == set(ALL_EVENTS):
+        return "all"
+    return ",".join(customer.events) or "none"
 
 
 def _seconds(now: datetime, since: datetime | None) -> float | None:
@@ -168,12 +179,14 @@ COLUMNS = (
     ("enabled", "enabled"),
     ("phase", "phase"),
     ("launch", "launch_date"),
+    ("events", "events"),
     ("last_poll_ok", "last_poll_ok"),
     ("age", "poll_age_s"),
     ("cursor", "cursor"),
     ("queued", "queued"),
     ("sent_today", "sent_today"),
     ("dead", "dead"),
+    ("dropped", "dropped"),
     ("malformed", "malformed"),
     ("invalid_email", "invalid_email"),
     ("key", "key"),

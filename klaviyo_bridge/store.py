@@ -721,6 +721,14 @@ async def _record_invalid_emails(
     )
 
 
+async def _count_dropped(db: aiosqlite.Connection, customer_id: int, dropped: int) -> None:
+    """Add ``dropped`` to the customer's count of rows dropped because their event was disabled."""
+    if dropped:
+        await _ensure_customer(db, customer_id)
+        await db.execute("UPDATE customers SET dropped_rows = dropped_rows + ? WHERE customer_id = ?",
+                         (dropped, customer_id))
+
+
 async def _set_cursor(db: aiosqlite.Connection, customer_id: int, cursor: tuple[datetime, int]) -> None:
     """Move the customer's cursor."""
     await db.execute(
@@ -1077,6 +1085,45 @@ class Store:
                 "UPDATE customers SET list_id = ?, setup_done = 1 WHERE customer_id = ?",
                 (list_id, customer_id),
             )
+
+    async def queue_samples(self, customer_id: int, events: Sequence[EventRow], now: datetime) -> int:
+        """Queue sample events this customer never had (one per metric it gets); return how many were new."""
+        async with self._write() as db:
+            await _ensure_customer(db, customer_id)
+            return await _queue_events(db, customer_id, events, now)
+
+    async def drop_pending_events(self, customer_id: int, kinds: Iterable[EventKind]) -> int:
+        """Delete the customer's unsent event rows announcing any of ``kinds`` (events it no longer gets).
+
+        The order memory keeps those milestones announced, so the rows are never queued again; the customer's
+        ``dropped_rows`` counts them for ``status``. Returns how many were dropped.
+        """
+        names = [kind.value for kind in kinds]
+        if not names:
+            return 0
+        # "{order}:{kind}", "sample:{kind}" and "sample:{kind}:{metric}" (a metric name may hold colons too).
+        one = ("(key NOT GLOB 'sample:*' AND key GLOB '*:' || ?) OR key = 'sample:' || ? "
+               "OR key GLOB 'sample:' || ? || ':*'")
+        matches = " OR ".join(f"({one})" for _ in names)
+        async with self._write() as db:
+            dropped = await _run(
+                db, f"DELETE FROM outbox WHERE customer_id = ? AND kind = 'event' AND {_PENDING} AND ({matches})",
+                (customer_id, *(value for name in names for value in (name, name, name))),
+            )
+            await _count_dropped(db, customer_id, dropped)
+        return dropped
+
+    async def drop_rows(self, rows: Sequence[OutboxRow]) -> int:
+        """Delete these unsent rows (of one customer) and count them as dropped; return how many went."""
+        if not rows:
+            return 0
+        async with self._write() as db:
+            dropped = await _run_many(
+                db, f"DELETE FROM outbox WHERE id = ? AND version = ? AND {_PENDING}",
+                [(row.id, row.version) for row in rows],
+            )
+            await _count_dropped(db, rows[0].customer_id, dropped)
+        return dropped
 
     # -- sending -------------------------------------------------------------------------------------------
 

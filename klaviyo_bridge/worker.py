@@ -73,12 +73,13 @@ class CustomerWorker:
             "whiplash", metrics=self.metrics)
         self.deliverer = Deliverer(
             self.cid, store, klaviyo, clock=clock, health=UpstreamHealth("klaviyo", metrics=self.metrics),
-            key_probe_seconds=settings.klaviyo.key_probe_seconds,
+            key_probe_seconds=settings.klaviyo.key_probe_seconds, events=self.rules.enabled,
         )
         for upstream in ("whiplash", "klaviyo"):  # a series from the start: dashboards show 0, not "no data"
             self.metrics.set_error_streak(upstream, self.cid, 0.0)
         self.wake = asyncio.Event()
         self.setup_done = False
+        self.disabled_dropped = False
         self._logged_malformed: set[tuple[int | None, str]] = set()
         # Monotonic time of the last committed page or completed poll cycle: what the watchdog checks.
         self.progress = time.monotonic()
@@ -94,23 +95,42 @@ class CustomerWorker:
         return midnight_utc(self.customer.launch_date) - timedelta(days=self.customer.backfill_days)
 
     async def ensure_setup(self) -> None:
-        """Ensure the list exists and, once per customer, queue the default profile and sample events."""
+        """Ensure the list exists and, once per customer, queue the default profile and sample events.
+
+        Every worker start (a reload that changed the customer's events restarts it) also queues the sample of
+        a newly enabled metric and drops the unsent rows of events the customer no longer gets.
+        """
         if self.setup_done:
             return
         await self.store.ensure_customer(self.cid)
+        if not self.disabled_dropped:  # before any Klaviyo call: a disabled event stops even while Klaviyo is down
+            await self._drop_disabled()
+            self.disabled_dropped = True
         state = await self.store.customer_state(self.cid)
         if not (state.setup_done and state.list_id):
             list_id = await self.klaviyo.ensure_list(self.customer.list_name)
             await self._queue_setup(list_id)
+        else:
+            await self.store.queue_samples(self.cid, self._samples(), self.clock())
         self.setup_done = True
         self.wake.set()
 
+    def _samples(self) -> list[core.EventRow]:
+        """Return the sample events of the metrics this customer gets."""
+        return core.sample_events(self.rules, self.settings.klaviyo.default_profile_email, self.clock())
+
+    async def _drop_disabled(self) -> None:
+        """Drop queued rows of events this customer no longer gets; they are never sent."""
+        disabled = set(core.EventKind) - self.rules.enabled
+        dropped = await self.store.drop_pending_events(self.cid, disabled)
+        if dropped:
+            log.info("queued events dropped customer=%s events=%s rows=%d reason=disabled_for_customer", self.cid,
+                     ",".join(sorted(kind.value for kind in disabled)), dropped)
+
     async def _queue_setup(self, list_id: str) -> None:
         """Queue the default profile and one sample event per metric, once (idempotent)."""
-        now = self.clock()
         email = self.settings.klaviyo.default_profile_email
-        samples = core.sample_events(self.rules, email, now)
-        await self.store.queue_setup(self.cid, list_id, core.setup_profile(email), samples, now)
+        await self.store.queue_setup(self.cid, list_id, core.setup_profile(email), self._samples(), self.clock())
         log.info("customer set up customer=%s list=%r list_id=%s", self.cid, self.customer.list_name, list_id)
 
     async def poll_once(self) -> SyncStats:
@@ -176,7 +196,8 @@ class CustomerWorker:
 
     async def reconcile_if_due(self) -> SyncStats:
         """Re-read the orders last seen shipped when the sweep is due; failures are logged, not raised."""
-        if self.settings.whiplash.reconcile_days == 0:
+        # The sweep looks for "delivered" behind the cursor: pointless for a customer that does not get it.
+        if self.settings.whiplash.reconcile_days == 0 or core.EventKind.DELIVERED not in self.rules.enabled:
             return SyncStats()
         try:
             return await self._reconcile(self.clock())

@@ -544,3 +544,19 @@ async def test_retention_keeps_rows_sent_after_the_cutoff(world: World) -> None:
     payloads = world.outbox_payloads()
     assert len(payloads) == 2
     assert all(payload for _, payload in payloads)
+
+
+async def test_rows_of_an_event_the_customer_no_longer_gets_are_dropped_not_sent(world: World) -> None:
+    """1. Three live shipped events queued (as a replayed dead letter would be after a reload). 2. A deliverer for
+    a customer that no longer gets "shipped" delivers. Result: Klaviyo receives none of them; they are gone from
+    the outbox and counted as dropped; a delivered event beside them still goes out."""
+    delivered = EventRow("9:delivered", 9, EventKind.DELIVERED, {**event(9, backfill=False).payload,
+                                                                 "unique_id": "9:delivered",
+                                                                 "metric": "Order delivered"})
+    await queue(world.store, [event(i, backfill=False) for i in range(3)] + [delivered])
+    deliverer = Deliverer(CID, world.store, world.client(), clock=lambda: datetime.now(UTC),
+                          events=frozenset({EventKind.DELIVERED}))
+    await deliverer.deliver_due()
+    assert kept(world.account) == {"9:delivered"}
+    assert [key for _, key, *_ in world.outbox("kind = 'event'")] == ["9:delivered"]
+    assert (await world.store.customer_state(CID)).dropped_rows == 3

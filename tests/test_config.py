@@ -925,3 +925,67 @@ def test_arbitrary_bytes_never_crash(tmp_path_factory: pytest.TempPathFactory, d
     path = tmp_path_factory.getbasetemp() / "fuzz-bytes.toml"
     path.write_bytes(data)
     assert_clean_outcome(path)
+
+
+# --- per-merchant events and metric names -------------------------------------------------------------------
+
+
+def test_customer_events_and_metric_names_shape_its_rules(tmp_path: Path) -> None:
+    """1. One customer gets shipped and delivered, delivered under its own name; another keeps the defaults;
+    a third gets none. Result: each one's rules carry exactly its events and names; [events] stays the default."""
+    loaded = load(tmp_path, {"customers": [
+        customer(events=["shipped", "delivered"], metrics={"delivered": "Whiplash: Delivered"}),
+        customer(whiplash_customer_id=2),
+        customer(whiplash_customer_id=3, events=[]),
+    ]})
+    s = loaded.settings
+    partial, full, none = (s.rules_for(c) for c in s.customers)
+    assert partial.enabled == {EventKind.SHIPPED, EventKind.DELIVERED}
+    assert partial.metric_names[EventKind.DELIVERED] == "Whiplash: Delivered"
+    assert partial.metric_names[EventKind.SHIPPED] == "Order shipped"
+    assert full.enabled == frozenset(EventKind)
+    assert full.metric_names[EventKind.DELIVERED] == "Order delivered"
+    assert none.enabled == frozenset()
+    assert s.customers[0].events == ("shipped", "delivered")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"events": ["shipped", "delivred", "Shipped"]}, [
+            'customers[0].events[1]: must be one of "processing", "cancelled", "shipped" or "delivered" '
+            '(got "delivred")',
+            'customers[0].events[2]: must be one of "processing", "cancelled", "shipped" or "delivered" '
+            '(got "Shipped")',
+        ]),
+        ({"events": ["shipped", "delivered", "shipped", "delivered"]}, [
+            'customers[0].events[2]: "shipped" is listed twice',
+            'customers[0].events[3]: "delivered" is listed twice',
+        ]),
+        ({"events": "shipped"}, ["customers[0].events: must be an array (got string)"]),
+        ({"metrics": {"shiped": "X"}}, ["customers[0].metrics.shiped: unknown key"]),
+        ({"metrics": {"shipped": "  "}}, ["customers[0].metrics.shipped: must not be empty"]),
+        ({"metrics": {"shipped": "x" * 128}},
+         ["customers[0].metrics.shipped: must be at most 127 characters (got 128)"]),
+        ({"metrics": {"shipped": "order DELIVERED"}}, [
+            'customers[0].metrics.delivered: same metric name as shipped for this customer ("Order delivered")',
+        ]),
+        ({"metrics": {"shipped": "Same", "delivered": "same"}}, [
+            'customers[0].metrics.delivered: same metric name as shipped for this customer ("same")',
+        ]),
+        ({"metrics": "Whiplash"}, ["customers[0].metrics: must be a table (got string)"]),
+    ],
+)
+def test_customer_events_and_metrics_problems(tmp_path: Path, overrides: dict[str, Any], expected: list[str]) -> None:
+    """Result: one line per problem, naming the customer, the key and the element."""
+    assert problems(tmp_path, {"customers": [customer(**overrides)]}) == expected
+
+
+def test_an_empty_choice_is_valid_and_distinct_names_across_customers_are_fine(tmp_path: Path) -> None:
+    """1. Two customers naming their own metrics the same ("Shipped!"): names only need to differ within one
+    merchant's account. Result: valid."""
+    loaded = load(tmp_path, {"customers": [
+        customer(metrics={"shipped": "Shipped!"}),
+        customer(whiplash_customer_id=2, metrics={"shipped": "Shipped!"}, events=[]),
+    ]})
+    assert [c.metrics.shipped for c in loaded.settings.customers] == ["Shipped!", "Shipped!"]

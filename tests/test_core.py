@@ -24,6 +24,7 @@ from klaviyo_bridge.core import (
     ProfileName,
     Rules,
     event_for,
+    event_kind_of_key,
     event_payload,
     plan_page,
     profile_name,
@@ -647,3 +648,78 @@ def test_plan_page_never_repeats_unique_id_nor_maps_unmapped(pages: list[list[St
     for row in ledger.events:
         assert row.order_id is not None
         assert row.kind in ledger.memory[row.order_id].announced
+
+
+# ---------------------------------------------------------------- per-merchant events
+
+ONLY_SHIPPED_DELIVERED = replace(RULES, enabled=frozenset({S, D}),
+                                 metric_names={**DEFAULT_METRIC_NAMES, D: "Whiplash: Delivered"})
+
+
+def walk(rules: Rules, statuses: Sequence[int], known: dict[int, OrderMemory] | None = None) -> tuple[
+        list[str], dict[int, OrderMemory]]:
+    """Plan one order through ``statuses`` (each its own page); return the unique_ids announced and the memory."""
+    memory = dict(known or {})
+    announced: list[str] = []
+    for step, status in enumerate(statuses):
+        plan = plan_page(rules, [order(status=status, updated_at=T0 + timedelta(minutes=step))], memory, {}, NOW)
+        memory.update(plan.orders)
+        announced += [e.unique_id for e in plan.events]
+    return announced, memory
+
+
+def test_a_disabled_milestone_is_remembered_not_announced() -> None:
+    """1. Rules with only shipped and delivered; the order goes 100 → 300 → 350. Result: no processing event, the
+    others under the merchant's metric names; the memory still knows the status (and that processing was not
+    announced); the profile is upserted at the first sight all the same."""
+    plan = plan_page(ONLY_SHIPPED_DELIVERED, [order(status=100)], {}, {}, NOW)
+    assert plan.events == []
+    assert plan.orders == {1001: OrderMemory(100, frozenset())}
+    assert [p.email for p in plan.profiles] == ["ann@example.com"]
+    announced, memory = walk(ONLY_SHIPPED_DELIVERED, [100, 300, 350])
+    assert announced == ["1001:shipped", "1001:delivered"]
+    assert memory[1001] == OrderMemory(350, frozenset({S, D}))
+    payloads = plan_page(ONLY_SHIPPED_DELIVERED, [order(status=350)], {}, {}, NOW).events[0].payload
+    assert payloads["metric"] == "Whiplash: Delivered"
+
+
+def test_enabling_later_sends_no_old_news() -> None:
+    """1. Delivered is disabled while the order reaches 350. 2. It is enabled (a reload); the same order is read
+    again, unchanged. Result: nothing: it reached delivered before the change. 3. A new order reaches 350 after
+    the change. Result: its "Order delivered" is announced."""
+    before = replace(RULES, enabled=frozenset({P, C, S}))
+    announced, memory = walk(before, [300, 350])
+    assert announced == ["1001:shipped"]
+    after = replace(RULES, enabled=frozenset(EventKind))
+    again, _ = walk(after, [350], memory)
+    assert again == []
+    fresh = plan_page(after, [order(id=1002, status=350)], memory, {}, NOW)
+    assert [e.unique_id for e in fresh.events] == ["1002:delivered"]
+
+
+def test_a_disabled_later_milestone_still_blocks_late_news() -> None:
+    """1. Shipped is disabled; the order reaches 300, then goes back to 100. Result: no processing event: the
+    order was seen shipped, so processing would be late news even though shipped was never announced."""
+    rules = replace(RULES, enabled=frozenset({P, D}))
+    announced, _ = walk(rules, [300, 100])
+    assert announced == []
+
+
+def test_samples_only_for_enabled_metrics_with_their_own_names() -> None:
+    """1. Sample events for rules with shipped and delivered (delivered renamed); for rules with none.
+    Result: two samples; the renamed one's unique_id carries its name (its metric needs its own sample); none."""
+    rows = sample_events(ONLY_SHIPPED_DELIVERED, "s@example.com", NOW)
+    assert [(r.kind, r.unique_id, r.payload["metric"]) for r in rows] == [
+        (S, "sample:shipped", "Order shipped"),
+        (D, "sample:delivered:Whiplash: Delivered", "Whiplash: Delivered"),
+    ]
+    assert sample_events(replace(RULES, enabled=frozenset()), "s@example.com", NOW) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [("7001:shipped", S), ("sample:delivered", D), ("sample:delivered:Whiplash: Delivered", D),
+     ("sample:processing:a:b", P), ("7001", None), ("7001:lost", None), ("", None)],
+)
+def test_event_kind_of_key(key: str, kind: EventKind | None) -> None:
+    assert event_kind_of_key(key) is kind

@@ -178,8 +178,8 @@ def test_age_text_and_long_errors_stay_on_one_line() -> None:
     assert [age_text(s) for s in (5, 185, 7500, 190000)] == ["5s", "3m05s", "2h05m", "2d04h"]
     from klaviyo_bridge.status import StatusRow
 
-    row = StatusRow(1, "n", True, "2026-01-01", "live", None, None, None, 0, 0, 0, 0, 0, 0, "REFUSED", "ok",
-                    "line one\nline two " + "x" * 200, False, None, None, None)
+    row = StatusRow(1, "n", True, "2026-01-01", "all", "live", None, None, None, 0, 0, 0, 0, 0, 0, "REFUSED", "ok",
+                    "line one\nline two " + "x" * 200, False, None, None, None, 0)
     text = render_status([row])
     assert len(text.splitlines()) == 2
     assert "line one line two" in text

@@ -671,3 +671,35 @@ async def test_readonly_reader_opens_after_the_writer_has_closed(db_path: Path) 
     async with await Store.open(db_path, readonly=True) as ro:
         assert await ro.load_memory(CID, [1]) == {1: OrderMemory(100)}
         assert await ro.integrity_ok()
+
+
+async def test_dropping_a_disabled_events_pending_rows(store: Store) -> None:
+    """1. Pending rows: two shipped events, a delivered one, the shipped and delivered samples (one under a
+    renamed metric whose name holds colons), a profile; one shipped event already sent, one dead.
+    2. Drop shipped. Result: exactly the pending shipped rows and the shipped samples go (3), counted for status;
+    sent and dead rows, other events and profiles stay; the order memory is untouched. 3. Drop nothing. Result: 0.
+    4. drop_rows on one row. Result: that row goes and the count grows."""
+    events = [event(1, EventKind.SHIPPED), event(2, EventKind.SHIPPED), event(3, EventKind.DELIVERED),
+              event(4, EventKind.SHIPPED), event(5, EventKind.SHIPPED)]
+    samples = [EventRow(uid, None, kind, {"unique_id": uid, "email": "s@example.com"})
+               for uid, kind in (("sample:shipped:Ship: it: now", EventKind.SHIPPED),
+                                 ("sample:delivered", EventKind.DELIVERED))]
+    await store.commit_page(CID, plan({1: OrderMemory(300, frozenset({EventKind.SHIPPED}))},
+                                      [change("ann@example.com", "Ann")], events + samples), None, [], NOW)
+    rows = {r.key: r for r in await store.due_rows(CID, NOW, 20)}
+    await store.mark_sent(rows["4:shipped"], NOW)
+    await store.mark_dead(rows["5:shipped"], NOW, 400, "bad")
+
+    assert await store.drop_pending_events(CID, {EventKind.SHIPPED}) == 3
+    left = sorted(r.key for r in await store.due_rows(CID, NOW, 20))
+    assert left == ["3:delivered", "ann@example.com", "sample:delivered"]
+    assert (await store.customer_state(CID)).dropped_rows == 3
+    assert [d.key for d in await store.dead_rows(CID)] == ["5:shipped"]
+    assert await store.load_memory(CID, [1]) == {1: OrderMemory(300, frozenset({EventKind.SHIPPED}))}
+    assert await store.drop_pending_events(CID, set()) == 0
+    assert await store.drop_pending_events(CID + 1, {EventKind.DELIVERED}) == 0
+
+    [delivered] = [r for r in await store.due_rows(CID, NOW, 20) if r.key == "3:delivered"]
+    assert await store.drop_rows([delivered]) == 1
+    assert (await store.customer_state(CID)).dropped_rows == 4
+    assert await store.drop_rows([]) == 0

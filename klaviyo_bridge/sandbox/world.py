@@ -47,6 +47,8 @@ class SandboxCustomer:
     revoked: bool = False
     list_name: str = "Whiplash"
     history_before_launch: bool = False  # history ends at launch, so only what moves afterwards is live
+    events: tuple[str, ...] | None = None  # [[customers]] events (None: the default, all four)
+    metrics: tuple[tuple[str, str], ...] = ()  # [customers.metrics]: (event, the merchant's own metric name)
 
     @property
     def env_name(self) -> str:
@@ -64,13 +66,16 @@ class SandboxCustomer:
 
 
 def demo_customers(today: date) -> list[SandboxCustomer]:
-    """Return the three demo merchants: launching today with backfill, pre-launch, and live with a revoked key."""
+    """Return the demo merchants: launching today with backfill, pre-launch, live with a revoked key, and live
+    with a partial choice of events (one under its own metric name)."""
     return [
         SandboxCustomer(101, "Aurora Records", "pk_sandbox_aurora_7f3a9c1e5b", today, 14, 60,
                         history_before_launch=True),
         SandboxCustomer(202, "Borealis Apparel", "pk_sandbox_borealis_2d8e4f6a0c", today + timedelta(days=2), 14, 15),
         SandboxCustomer(303, "Cedar & Sage", "pk_sandbox_cedar_9b1c3e5d7f", today - timedelta(days=7), 0, 20,
                         revoked=True),
+        SandboxCustomer(404, "Dune Outfitters", "pk_sandbox_dune_4a6c8e0b2d", today - timedelta(days=3), 3, 25,
+                        events=("shipped", "delivered"), metrics=(("delivered", "Dune: Order delivered"),)),
     ]
 
 
@@ -179,7 +184,15 @@ klaviyo_api_key = "env:{c.env_name}"
 launch_date = {c.launch_date.isoformat()}
 backfill_days = {c.backfill_days}
 list_name = {toml_str(c.list_name)}
-"""
+""" + _events_lines(c)
+
+
+def _events_lines(c: SandboxCustomer) -> str:
+    """Return a customer's ``events`` key and ``[customers.metrics]`` table, when it has them."""
+    text = "" if c.events is None else f"events = [{', '.join(toml_str(e) for e in c.events)}]\n"
+    if c.metrics:
+        text += "[customers.metrics]\n" + "".join(f"{event} = {toml_str(name)}\n" for event, name in c.metrics)
+    return text
 
 
 def secret_env(customers: list[SandboxCustomer]) -> dict[str, str]:

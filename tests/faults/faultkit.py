@@ -53,6 +53,8 @@ class Shop:
     key: str
     launch: date = TODAY - timedelta(days=1)
     backfill_days: int = 14
+    events: tuple[str, ...] | None = None  # [[customers]] events; None: the default (all four)
+    metrics: tuple[tuple[str, str], ...] = ()  # [customers.metrics]: (event, the merchant's own metric name)
 
     @property
     def label(self) -> str:
@@ -130,7 +132,12 @@ def config_text(state: Path, sims: Sims, merchants: Sequence[Shop], sections: Ma
     for shop in merchants:
         text += (f"[[customers]]\nwhiplash_customer_id = {shop.cid}\nname = \"Shop {shop.cid}\"\n"
                  f"klaviyo_api_key = \"env:{shop.env_name}\"\nlaunch_date = {shop.launch.isoformat()}\n"
-                 f"backfill_days = {shop.backfill_days}\n\n")
+                 f"backfill_days = {shop.backfill_days}\n")
+        if shop.events is not None:
+            text += f"events = [{', '.join(toml_str(e) for e in shop.events)}]\n"
+        if shop.metrics:
+            text += "[customers.metrics]\n" + "".join(f"{e} = {toml_str(n)}\n" for e, n in shop.metrics)
+        text += "\n"
     return text
 
 
@@ -317,8 +324,9 @@ class Ledger:
             seen.append(now)
 
     def expected(self, rules: core.Rules) -> set[str]:
-        """Return the unique_ids the contract demands for one customer: each observed state, replayed."""
-        ids = set(SAMPLES)
+        """Return the unique_ids the contract demands for one customer: each observed state, replayed, and a
+        sample of each metric it gets."""
+        ids = {row.unique_id for row in core.sample_events(rules, SAMPLE_EMAIL, datetime.now(UTC))}
         known: dict[int, core.OrderMemory] = {}
         for oid, states in self.states.items():
             if self.whiplash.orders[oid].customer_id != rules.customer_id:
