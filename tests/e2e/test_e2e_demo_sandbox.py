@@ -39,10 +39,17 @@ async def test_demo_runs_the_daemon_and_summarises_without_the_spec(tmp_path: Pa
     out, err = out_b.decode(), err_b.decode()
     assert proc.returncode == 0, out + err
     assert "bodies checked against hand-written rules" in out
-    assert re.search(r"bridge \| \d\d:\d\d:\d\d INFO +daemon: started customers=3", out)
+    assert re.search(r"bridge \| \d\d:\d\d:\d\d INFO +daemon: started customers=4", out)
     summary = out.split("\nsummary\n", 1)[1]
-    for header in ("101 Aurora Records", "202 Borealis Apparel", "303 Cedar & Sage"):
+    for header in ("101 Aurora Records", "202 Borealis Apparel", "303 Cedar & Sage", "404 Dune Outfitters"):
         assert f"\n{header} — " in summary
+    # The merchant with a partial choice: only its two metrics, one under its own name, nothing else recorded.
+    dune = summary.split("\n404 Dune Outfitters — ", 1)[1].split("\n\n", 1)[0]
+    assert "gets only shipped and delivered" in dune
+    assert re.search(r"Order shipped +1 +\d+ +\d+", dune)
+    assert re.search(r"Dune: Order delivered +1 +\d+ +\d+", dune)
+    assert "Processing order" not in dune
+    assert "Order cancelled" not in dune
     assert re.search(r"events +sample +backfill +live", summary)
     assert re.search(r"Order shipped +1 +\d+ +\d+", summary)
     refused = r"refused: +Klaviyo answered 401 to \d+ requests \(key revoked\); [1-9]\d* rows stay queued"
