@@ -39,7 +39,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from klaviyo_bridge.core import EventKind, Rules
+from klaviyo_bridge.core import DEFAULT_METRIC_NAMES, EventKind, Rules
 from klaviyo_bridge.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/klaviyo-bridge/config.toml")
@@ -255,10 +255,11 @@ class EventSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    processing: MetricName = "Processing order"
-    cancelled: MetricName = "Order cancelled"
-    shipped: MetricName = "Order shipped"
-    delivered: MetricName = "Order delivered"
+    # The defaults are the core's: one definition of the names every merchant's flows are built on.
+    processing: MetricName = DEFAULT_METRIC_NAMES[EventKind.PROCESSING]
+    cancelled: MetricName = DEFAULT_METRIC_NAMES[EventKind.CANCELLED]
+    shipped: MetricName = DEFAULT_METRIC_NAMES[EventKind.SHIPPED]
+    delivered: MetricName = DEFAULT_METRIC_NAMES[EventKind.DELIVERED]
     stale_after_hours: Float = Field(default=72.0, gt=0, le=_MAX_STALE_HOURS)
 
     def name_for(self, kind: EventKind) -> str:
