@@ -292,9 +292,16 @@ def _suggestion(change: Change) -> str:
     """Return an allow-list entry for ``change``, to paste once the mutant is shown to be equivalent."""
     lines = ["[[equivalent]]"]
     for key in ("module", "function", "before", "after"):
-        lines.append(f"{key} = {json.dumps(getattr(change, key), ensure_ascii=False)}")
+        lines.append(f"{key} = {_toml_string(getattr(change, key))}")
     lines.append('why = ""')
     return "\n".join(lines)
+
+
+def _toml_string(text: str) -> str:
+    """Quote ``text`` for TOML: a literal string when it can be one (easier to read), else a basic string."""
+    if "'" in text or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    return f"'{text}'"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
