@@ -37,8 +37,8 @@ def limiter(fake: FakeTime, share: float = 0.5) -> AccountLimiter:
 
 
 def capacity(share: float, limit: int) -> int:
-    """Whole tokens a full bucket holds: the part of the limit left to others, at least one."""
-    return max(1, math.floor((1 - share) * limit + 1e-9))
+    """Whole tokens a full bucket holds: the part of the limit left to others, at least one, below the limit."""
+    return max(1, min(limit - 1, math.floor((1 - share) * limit + 1e-9)))
 
 
 def rate(share: float, limit: int, period: float) -> float:
@@ -269,6 +269,20 @@ async def test_concurrent_waiters_are_served_in_order_one_refill_each(fake: Fake
 def test_share_outside_unit_interval_is_refused(share: float) -> None:
     with pytest.raises(ValueError, match="share"):
         AccountLimiter(share)
+
+
+async def test_vanishing_share_waits_instead_of_dividing_by_zero(fake: FakeTime) -> None:
+    """14. share 1e-12 (valid config): (1 - share) × limit rounds to the whole limit.
+    Result: the bucket still refills (slowly); a drained one makes the caller wait, it never raises."""
+    lim = limiter(fake, share=1e-12)
+    burst = LIMITS[Endpoint.LIST_ADD].burst
+    for _ in range(burst - 1):
+        await lim.acquire(Endpoint.LIST_ADD)
+    assert fake.now == 0.0
+
+    await lim.acquire(Endpoint.LIST_ADD)
+
+    assert fake.now == pytest.approx(1 / (1e-12 * burst))
 
 
 # ---------------------------------------------------------------------------------------------------------
