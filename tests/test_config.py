@@ -28,6 +28,7 @@ from klaviyo_bridge.config import (
     default_config_path,
     load_config,
 )
+from klaviyo_bridge.config import _problem_lines as problem_lines
 from klaviyo_bridge.core import EventKind, Rules
 from klaviyo_bridge.errors import ConfigError
 
@@ -330,6 +331,16 @@ ONE_PROBLEM: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("timeout", {"klaviyo": {"timeout_seconds": -1.0}}, "klaviyo.timeout_seconds: must be > 0 (got -1)"),
     ("stale", {"events": {"stale_after_hours": 0}}, "events.stale_after_hours: must be > 0 (got 0)"),
+    (
+        "huge float as written",
+        {"events": {"stale_after_hours": 1e16}},
+        "events.stale_after_hours: must be <= 87600 (got 1e+16)",
+    ),
+    (
+        "large whole float as integer",
+        {"events": {"stale_after_hours": 1e15}},
+        "events.stale_after_hours: must be <= 87600 (got 1000000000000000)",
+    ),
     (
         "customer id 0",
         {"customers": [customer(whiplash_customer_id=0)]},
@@ -643,6 +654,7 @@ def test_file_secret_strips_trailing_newline(tmp_path: Path) -> None:
     ("content", "expected"),
     [
         pytest.param(b"key-XX\t \n", "key-XX\t ", id="only-the-line-break-dropped"),
+        pytest.param(b"key-X\r\n", "key-X", id="nothing-but-the-line-break"),
         pytest.param(b"k" * (64 * 1024), "k" * (64 * 1024), id="exactly-64-KiB"),
     ],
 )
@@ -873,6 +885,47 @@ def test_cross_field_summary_lists_every_problem() -> None:
         "shipped[0]: status 300 is already listed at statuses.cancelled[0]; "
         "delivered[0]: status 350 is already listed at statuses.cancelled[1]"
     )
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        pytest.param(
+            {"type": "greater_than", "loc": ("a",), "msg": "", "input": "secret", "ctx": {"gt": 0}},
+            "a: must be > 0 (got string)",
+            id="range-check-of-a-non-number-shows-its-type-only",
+        ),
+        pytest.param(
+            {"type": "string_too_short", "loc": ("a",), "msg": "", "input": "x", "ctx": {"min_length": 3}},
+            "a: must have at least 3 characters",
+            id="too-short-of-3",
+        ),
+        pytest.param(
+            {"type": "too_short", "loc": ("a",), "msg": "", "input": [], "ctx": {}},
+            "a: must not be empty",
+            id="too-short-without-min-length",
+        ),
+        pytest.param(
+            {"type": "too_short", "loc": ("a",), "msg": "", "input": []}, "a: must not be empty", id="too-short-no-ctx"
+        ),
+        pytest.param(
+            {"type": "string_type", "loc": (), "msg": "", "input": b"x"},
+            "(top level): must be a string (got bytes)",
+            id="top-level-and-a-python-type",
+        ),
+    ],
+)
+def test_problem_lines_of_unusual_errors(error: Any, line: str) -> None:
+    """A pydantic error without the optional ctx, or with an input no TOML file holds, still makes its line."""
+    assert problem_lines(error) == [line]
+
+
+@pytest.mark.parametrize(
+    ("kind", "start"), [("greater_than", "a: must be > "), ("literal_error", "a: must be one of ")]
+)
+def test_problem_lines_without_ctx_still_describe(kind: str, start: str) -> None:
+    [line] = problem_lines({"type": kind, "loc": ("a",), "msg": "", "input": 5})
+    assert line.startswith(start)
 
 
 # --- robustness -----------------------------------------------------------------------------------
