@@ -11,7 +11,10 @@ For each module (default: all of ``MODULES``), one mutmut run:
    nothing observable. A mutant is identified by module, function and its changed line(s) before and after,
    never by mutmut's numbered name (the numbers shift whenever code is added above).
 
-Score = killed / (mutants - listed equivalents); a timeout counts as killed (the mutant hangs, a test notices).
+Score = killed / (mutants - listed equivalents); a timeout counts as killed (the mutant hangs, a test notices),
+and a mutant of a function that none of the module's tests call ("no tests") counts as a survivor. mutmut swaps
+functions at call time, so code that runs only at import (module constants, factories called at import) is
+never mutated: pin constants with direct tests instead.
 Exit status 1 when a module scores below its floor, when mutmut fails, or when an entry of the list matches
 no surviving mutant of a module that ran (stale: the line changed or a test now kills it; delete the entry).
 """
@@ -127,6 +130,9 @@ def _norm(text: str) -> str:
 
 def stage(module: str, spec: Module) -> Path:
     """Lay out ``mutants/<module>/`` afresh: package, tests, and a pyproject that mutates only ``module``."""
+    missing = [test for test in spec.tests if not (ROOT / test).is_file()]
+    if missing:
+        raise Failed(f"{module}: no test file {', '.join(missing)}")
     here = WORK / module
     shutil.rmtree(here, ignore_errors=True)
     here.mkdir(parents=True)
