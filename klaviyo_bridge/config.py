@@ -28,6 +28,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
@@ -48,7 +49,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from klaviyo_bridge import logs
-from klaviyo_bridge.core import EventKind, Rules
+from klaviyo_bridge.core import DEFAULT_METRIC_NAMES, EventKind, Rules
 from klaviyo_bridge.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/klaviyo-bridge/config.toml")
@@ -263,10 +264,11 @@ class EventSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    processing: MetricName = "Processing order"
-    cancelled: MetricName = "Order cancelled"
-    shipped: MetricName = "Order shipped"
-    delivered: MetricName = "Order delivered"
+    # The defaults are the core's: one definition of the names every merchant's flows are built on.
+    processing: MetricName = DEFAULT_METRIC_NAMES[EventKind.PROCESSING]
+    cancelled: MetricName = DEFAULT_METRIC_NAMES[EventKind.CANCELLED]
+    shipped: MetricName = DEFAULT_METRIC_NAMES[EventKind.SHIPPED]
+    delivered: MetricName = DEFAULT_METRIC_NAMES[EventKind.DELIVERED]
     stale_after_hours: Float = Field(default=72.0, gt=0, le=_MAX_STALE_HOURS)
 
     def name_for(self, kind: EventKind) -> str:
@@ -774,19 +776,19 @@ def _number(value: Any) -> str:
     return str(value) if isinstance(value, int | float) else _toml_type(value)
 
 
-def _expects(what: str) -> Callable[[ErrorDetails], str]:
+# The describers below are bound to their words with partial() in _MESSAGES rather than built by factories
+# at import: code that runs only at import is out of reach of mutation testing (make mutate).
+
+
+def _expects(what: str, error: ErrorDetails) -> str:
     """Describe a type mismatch; only the input's type is shown, never its value (it may be a secret)."""
-    return lambda error: f"must be {what} (got {_toml_type(error.get('input'))})"
+    return f"must be {what} (got {_toml_type(error.get('input'))})"
 
 
-def _bound(op: str, key: str) -> Callable[[ErrorDetails], str]:
+def _bound(op: str, key: str, error: ErrorDetails) -> str:
     """Describe a range violation; only numbers ever reach range checks, so echoing the input is safe."""
-
-    def describe(error: ErrorDetails) -> str:
-        limit = _number(error.get("ctx", {}).get(key))
-        return f"must be {op} {limit} (got {_number(error.get('input'))})"
-
-    return describe
+    limit = _number(error.get("ctx", {}).get(key))
+    return f"must be {op} {limit} (got {_number(error.get('input'))})"
 
 
 def _one_of(error: ErrorDetails) -> str:
@@ -806,22 +808,22 @@ def _too_short(error: ErrorDetails) -> str:
 _MESSAGES: dict[str, Callable[[ErrorDetails], str]] = {
     "missing": lambda error: "missing required key",
     "extra_forbidden": lambda error: "unknown key",
-    "int_type": _expects("an integer"),
-    "float_type": _expects("a number"),
+    "int_type": partial(_expects, "an integer"),
+    "float_type": partial(_expects, "a number"),
     "finite_number": lambda error: "must be a finite number",
-    "string_type": _expects("a string"),
-    "path_type": _expects("a string"),
-    "bool_type": _expects("true or false"),
-    "date_type": _expects("a date like 2026-08-01, unquoted"),
-    "tuple_type": _expects("an array"),
-    "list_type": _expects("an array"),
-    "model_type": _expects("a table"),
-    "model_attributes_type": _expects("a table"),
-    "dict_type": _expects("a table"),
-    "greater_than": _bound(">", "gt"),
-    "greater_than_equal": _bound(">=", "ge"),
-    "less_than": _bound("<", "lt"),
-    "less_than_equal": _bound("<=", "le"),
+    "string_type": partial(_expects, "a string"),
+    "path_type": partial(_expects, "a string"),
+    "bool_type": partial(_expects, "true or false"),
+    "date_type": partial(_expects, "a date like 2026-08-01, unquoted"),
+    "tuple_type": partial(_expects, "an array"),
+    "list_type": partial(_expects, "an array"),
+    "model_type": partial(_expects, "a table"),
+    "model_attributes_type": partial(_expects, "a table"),
+    "dict_type": partial(_expects, "a table"),
+    "greater_than": partial(_bound, ">", "gt"),
+    "greater_than_equal": partial(_bound, ">=", "ge"),
+    "less_than": partial(_bound, "<", "lt"),
+    "less_than_equal": partial(_bound, "<=", "le"),
     "literal_error": _one_of,
     "too_short": _too_short,
     "string_too_short": _too_short,

@@ -3,7 +3,7 @@
 Klaviyo limits every account per endpoint with two *fixed* server windows: a burst window of 1 s and
 a steady window of 60 s; crossing either returns 429. We mirror each window with a token bucket whose
 refill rate is ``share`` × limit per window and whose capacity is the rest, ``(1 - share)`` × limit
-(at least one token); tokens are fractional. Why this split:
+(at least one token, at most limit - 1, so it always refills); tokens are fractional. Why this split:
 
 - Fixed server windows: a bucket admits at most capacity + rate × W requests in *any* interval of
   length W, so in any server window at most (1 - share)·L + share·L = L. A full bucket after an idle
@@ -121,7 +121,8 @@ class _Lane:
 
 def _bucket(share: float, limit: int, period: float, now: float) -> _Bucket:
     """Build a full bucket that refills ``share`` of ``limit`` per period and holds the rest."""
-    capacity = float(max(1, math.floor((1.0 - share) * limit + _EPSILON)))
+    # At most limit - 1: a share too small to show in (1 - share) × limit would otherwise leave no refill at all.
+    capacity = float(max(1, min(limit - 1, math.floor((1.0 - share) * limit + _EPSILON))))
     # At share ≈ 1 the one-token floor would allow L + 1 per window; trim the rate to keep C + rate·W ≤ L.
     rate = min(share * limit, limit - capacity) / period
     return _Bucket(capacity=capacity, rate=rate, tokens=capacity, stamp=now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,7 +10,12 @@ import aiohttp
 import aioresponses.core as aioresponses_core
 import pytest
 from aioresponses import aioresponses
+from hypothesis import settings
 from yarl import URL
+
+# `make mutate` selects this profile (pyproject [tool.mutmut]): every mutant meets the same examples and none
+# are saved between runs, so a mutant's verdict never depends on chance or on another mutant's run.
+settings.register_profile("mutation", derandomize=True, database=None)
 
 
 class _UploadedWriter:
@@ -34,3 +40,16 @@ def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
     monkeypatch.setattr(aioresponses_core, "ClientResponse", _MockedResponse)
     with aioresponses() as m:
         yield m
+
+
+@pytest.fixture
+def tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Set the machine's local time zone to Asia/Tokyo (UTC+9, no DST) for one test."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        assert time.timezone == -9 * 3600, "Asia/Tokyo unknown here (tzdata missing?)"
+        yield
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from klaviyo_bridge.config import (
     DEFAULT_CONFIG_PATH,
@@ -28,6 +28,7 @@ from klaviyo_bridge.config import (
     default_config_path,
     load_config,
 )
+from klaviyo_bridge.config import _problem_lines as problem_lines
 from klaviyo_bridge.core import EventKind, Rules
 from klaviyo_bridge.errors import ConfigError
 
@@ -246,10 +247,38 @@ def test_base_url_stored_without_trailing_slash(tmp_path: Path, overrides: dict[
         ("127.0.0.1:9464", ("127.0.0.1", 9464)),
         ("[::1]:9100", ("::1", 9100)),
         ("localhost:1", ("localhost", 1)),
+        ("localhost:65535", ("localhost", 65535)),
     ],
 )
 def test_metrics_listen_accepted(tmp_path: Path, listen: str, address: tuple[str, int]) -> None:
     assert load(tmp_path, {"bridge": {"metrics_listen": listen}}).settings.bridge.metrics_address() == address
+
+
+@pytest.mark.parametrize(
+    ("overrides", "read", "expected"),
+    [
+        pytest.param(
+            {"klaviyo": {"default_profile_email": "a" * 242 + "@example.com"}},
+            lambda s: len(s.klaviyo.default_profile_email),
+            254,
+            id="email-of-254-characters",
+        ),
+        pytest.param(
+            {"events": {"delivered": "d" * 127}}, lambda s: s.events.delivered, "d" * 127, id="metric-of-127"
+        ),
+        pytest.param(
+            {"klaviyo": {"base_url": "http://127.0.0.1:1/API-X/"}},
+            lambda s: s.klaviyo.base_url,
+            "http://127.0.0.1:1/API-X",
+            id="url-port-1-path-kept",
+        ),
+        pytest.param({"klaviyo": {"rate_limit_share": 1.0}}, lambda s: s.klaviyo.rate_limit_share, 1.0, id="share-1"),
+    ],
+)
+def test_values_at_their_limits_accepted(
+    tmp_path: Path, overrides: dict[str, Any], read: Any, expected: object
+) -> None:
+    assert read(load(tmp_path, overrides).settings) == expected
 
 
 def test_settings_are_frozen(tmp_path: Path) -> None:
@@ -271,6 +300,7 @@ ONE_PROBLEM: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("unknown customer key", {"customers": [customer(colour="red")]}, "customers[0].colour: unknown key"),
     ("unknown odd key quoted", {"bridge": {"a b": 1}}, 'bridge."a b": unknown key'),
+    ("unknown key shown as written", {"bridge": {"naïve": 1}}, 'bridge."naïve": unknown key'),
     # ranges
     (
         "poll interval",
@@ -303,6 +333,16 @@ ONE_PROBLEM: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("timeout", {"klaviyo": {"timeout_seconds": -1.0}}, "klaviyo.timeout_seconds: must be > 0 (got -1)"),
     ("stale", {"events": {"stale_after_hours": 0}}, "events.stale_after_hours: must be > 0 (got 0)"),
+    (
+        "huge float as written",
+        {"events": {"stale_after_hours": 1e16}},
+        "events.stale_after_hours: must be <= 87600 (got 1e+16)",
+    ),
+    (
+        "large whole float as integer",
+        {"events": {"stale_after_hours": 1e15}},
+        "events.stale_after_hours: must be <= 87600 (got 1000000000000000)",
+    ),
     (
         "customer id 0",
         {"customers": [customer(whiplash_customer_id=0)]},
@@ -373,12 +413,18 @@ ONE_PROBLEM: list[tuple[str, dict[str, Any], str]] = [
         'bridge.log_level: must be one of "debug", "info", "warning" or "error" (got "verbose")',
     ),
     (
+        "log level not a string",
+        {"bridge": {"log_level": 3}},
+        'bridge.log_level: must be one of "debug", "info", "warning" or "error" (got integer)',
+    ),
+    (
         "grant",
         {"whiplash": {"grant": "password"}},
         'whiplash.grant: must be one of "client_credentials" or "refresh_token" (got "password")',
     ),
     # values
     ("empty path", {"bridge": {"state_path": ""}}, "bridge.state_path: must be a file path"),
+    ("path with NUL", {"bridge": {"state_path": "/var/lib/a\x00b"}}, "bridge.state_path: must be a file path"),
     ("empty client id", {"whiplash": {"client_id": " "}}, "whiplash.client_id: must not be empty"),
     ("empty name", {"customers": [customer(name="")]}, "customers[0].name: must not be empty"),
     ("empty list name", {"customers": [customer(list_name="")]}, "customers[0].list_name: must not be empty"),
@@ -404,6 +450,26 @@ ONE_PROBLEM: list[tuple[str, dict[str, Any], str]] = [
         'klaviyo.revision: must be a revision date like 2026-07-15 or 2026-07-15.pre (got "2026-13-01")',
     ),
     (
+        "echo shown as written",
+        {"klaviyo": {"revision": "2026-07-15.é"}},
+        'klaviyo.revision: must be a revision date like 2026-07-15 or 2026-07-15.pre (got "2026-07-15.é")',
+    ),
+    (
+        "echo of 60 characters whole",
+        {"klaviyo": {"revision": "r" * 60}},
+        f'klaviyo.revision: must be a revision date like 2026-07-15 or 2026-07-15.pre (got "{"r" * 60}")',
+    ),
+    (
+        "echo over 60 characters cut",
+        {"klaviyo": {"default_profile_email": "a" * 243 + "@example.com"}},
+        f'klaviyo.default_profile_email: must be an email address (got "{"a" * 60}…")',
+    ),
+    (
+        "url port 0",
+        {"klaviyo": {"base_url": "https://a.klaviyo.com:0"}},
+        'klaviyo.base_url: must be an http(s) URL like https://host (got "https://a.klaviyo.com:0")',
+    ),
+    (
         "email",
         {"klaviyo": {"default_profile_email": "nobody"}},
         'klaviyo.default_profile_email: must be an email address (got "nobody")',
@@ -423,6 +489,11 @@ ONE_PROBLEM: list[tuple[str, dict[str, Any], str]] = [
         "metrics listen v6",
         {"bridge": {"metrics_listen": "::1:9464"}},
         f'bridge.metrics_listen: {LISTEN_HINT} (got "::1:9464")',
+    ),
+    *(
+        (f"metrics listen {bad}", {"bridge": {"metrics_listen": bad}},
+         f'bridge.metrics_listen: {LISTEN_HINT} (got "{bad}")')
+        for bad in ("[::1:9464", "::1]:9464", "local host:9464", "localhost:http", "localhost:0", "localhost:65536")
     ),
     # missing
     ("missing key", {"bridge": {"state_path": DROP}}, "bridge.state_path: missing required key"),
@@ -538,6 +609,19 @@ def test_invalid_toml(tmp_path: Path, text: str) -> None:
     assert "line" in line  # tomllib's position survives
 
 
+def test_path_with_nul(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("/etc/a\x00b.toml"), ENV)
+    assert info.value.problems == ["/etc/a\\u0000b.toml: cannot read file (invalid path)"]
+
+
+def test_nested_too_deeply(tmp_path: Path) -> None:
+    path = write(tmp_path, text="x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV)
+    assert info.value.problems == [f"{path}: invalid TOML: nested too deeply"]
+
+
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_bytes(b'name = "\xff"\n')
@@ -568,6 +652,40 @@ def test_file_secret_strips_trailing_newline(tmp_path: Path) -> None:
     assert s.whiplash.client_secret.get_secret_value() == WHIPLASH_SECRET
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param(b"key-XX\t \n", "key-XX\t ", id="only-the-line-break-dropped"),
+        pytest.param(b"key-X\r\n", "key-X", id="nothing-but-the-line-break"),
+        pytest.param(b"k" * (64 * 1024), "k" * (64 * 1024), id="exactly-64-KiB"),
+    ],
+)
+def test_file_secret_is_read_verbatim(tmp_path: Path, content: bytes, expected: str) -> None:
+    secret = tmp_path / "dir:with:colons" / "wl"
+    secret.parent.mkdir()
+    secret.write_bytes(content)
+    s = load(tmp_path, {"whiplash": {"client_secret": f"file:{secret}"}}).settings
+    assert s.whiplash.client_secret.get_secret_value() == expected
+
+
+@pytest.mark.parametrize("literal", ["env", "file", "credential"])
+def test_scheme_without_colon_is_a_literal_secret(tmp_path: Path, literal: str) -> None:
+    loaded = load(tmp_path, {"customers": [customer(klaviyo_api_key=literal)]})
+    assert loaded.settings.customers[0].klaviyo_api_key.get_secret_value() == literal
+    assert loaded.warnings == (f"customers[0].klaviyo_api_key: {LITERAL_WARNING}",)
+
+
+def test_config_and_secrets_come_from_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path)
+    monkeypatch.setenv("KLAVIYO_BRIDGE_CONFIG", str(path))
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    assert default_config_path() == path
+    assert load_config(path).settings.customers[0].klaviyo_api_key.get_secret_value() == KLAVIYO_KEY
+
+
 def test_credential_secret(tmp_path: Path) -> None:
     directory = credentials_dir(tmp_path, {"klaviyo-1234": KLAVIYO_KEY})
     env = {**ENV, "CREDENTIALS_DIRECTORY": str(directory)}
@@ -590,20 +708,23 @@ def test_refresh_token_allowed_with_client_credentials(tmp_path: Path) -> None:
     assert s.whiplash.grant == "client_credentials"
 
 
+LITERAL_WARNING = "literal secret in config file; use env:, file: or credential:"
+
+
 def test_literal_secret_is_a_warning_without_the_value(tmp_path: Path) -> None:
     loaded = load(tmp_path, {"customers": [customer(klaviyo_api_key=KLAVIYO_KEY)]})
 
-    assert loaded.warnings == (
-        "customers[0].klaviyo_api_key: literal secret in config file; use env:, file: or credential:",
-    )
+    assert loaded.warnings == (f"customers[0].klaviyo_api_key: {LITERAL_WARNING}",)
     assert loaded.settings.customers[0].klaviyo_api_key.get_secret_value() == KLAVIYO_KEY
     assert KLAVIYO_KEY not in repr(loaded)
 
 
 def test_closed_by_originator_as_cancelled_warns(tmp_path: Path) -> None:
     loaded = load(tmp_path, {"statuses": {"cancelled": [40, 45]}})
-    [warning] = loaded.warnings
-    assert warning.startswith('statuses.cancelled: 45 "Closed by Originator"')
+    assert loaded.warnings == (
+        'statuses.cancelled: 45 "Closed by Originator" means the shop closed or shipped the order itself; '
+        "its shoppers would get a wrong cancellation email",
+    )
 
 
 def secret_cases(tmp_path: Path) -> list[tuple[str, str, Mapping[str, str]]]:
@@ -641,6 +762,8 @@ def secret_cases(tmp_path: Path) -> list[tuple[str, str, Mapping[str, str]]]:
             with_creds,
         ),
         ("credential:../etc", '"credential:" needs a credential name without "/" (got "../etc")', with_creds),
+        ("credential:.", '"credential:" needs a credential name without "/" (got ".")', with_creds),
+        ("credential:..", '"credential:" needs a credential name without "/" (got "..")', with_creds),
         ("   ", "the value is empty", ENV),
     ]
 
@@ -819,6 +942,57 @@ def test_settings_validate_directly_with_cross_field_summary() -> None:
                 "statuses": {"cancelled": [300]},
             }
         )
+
+
+def test_cross_field_summary_lists_every_problem() -> None:
+    with pytest.raises(ValidationError) as info:
+        StatusSettings.model_validate({"cancelled": [300, 350]})
+    [error] = info.value.errors()
+    assert error["msg"] == (
+        "shipped[0]: status 300 is already listed at statuses.cancelled[0]; "
+        "delivered[0]: status 350 is already listed at statuses.cancelled[1]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        pytest.param(
+            {"type": "greater_than", "loc": ("a",), "msg": "", "input": "secret", "ctx": {"gt": 0}},
+            "a: must be > 0 (got string)",
+            id="range-check-of-a-non-number-shows-its-type-only",
+        ),
+        pytest.param(
+            {"type": "string_too_short", "loc": ("a",), "msg": "", "input": "x", "ctx": {"min_length": 3}},
+            "a: must have at least 3 characters",
+            id="too-short-of-3",
+        ),
+        pytest.param(
+            {"type": "too_short", "loc": ("a",), "msg": "", "input": [], "ctx": {}},
+            "a: must not be empty",
+            id="too-short-without-min-length",
+        ),
+        pytest.param(
+            {"type": "too_short", "loc": ("a",), "msg": "", "input": []}, "a: must not be empty", id="too-short-no-ctx"
+        ),
+        pytest.param(
+            {"type": "string_type", "loc": (), "msg": "", "input": b"x"},
+            "(top level): must be a string (got bytes)",
+            id="top-level-and-a-python-type",
+        ),
+    ],
+)
+def test_problem_lines_of_unusual_errors(error: Any, line: str) -> None:
+    """A pydantic error without the optional ctx, or with an input no TOML file holds, still makes its line."""
+    assert problem_lines(error) == [line]
+
+
+@pytest.mark.parametrize(
+    ("kind", "start"), [("greater_than", "a: must be > "), ("literal_error", "a: must be one of  (got integer)")]
+)
+def test_problem_lines_without_ctx_still_describe(kind: str, start: str) -> None:
+    [line] = problem_lines({"type": kind, "loc": ("a",), "msg": "", "input": 5})
+    assert line.startswith(start)
 
 
 # --- robustness -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 from klaviyo_bridge.core import (
     DEFAULT_METRIC_NAMES,
     DEFAULT_STATUS_EVENTS,
+    MAX_ITEMS,
+    MAX_NAME_CHARS,
+    MAX_TEXT_CHARS,
     EventKind,
     EventRow,
     OrderMemory,
@@ -179,6 +182,36 @@ def test_profile_name(changes: dict[str, Any], expected: ProfileName) -> None:
     assert profile_name(order(**changes)) == expected
 
 
+LONG = "x" * MAX_NAME_CHARS
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param({"first_name": LONG, "last_name": LONG}, real(LONG, LONG), id="at-limit-kept"),
+        pytest.param({"first_name": LONG + "y", "last_name": "Lee"}, real(LONG, "Lee"), id="over-limit-cut"),
+        pytest.param(
+            {"first_name": None, "last_name": "x" * (MAX_NAME_CHARS - 1) + " Lee"},
+            real(None, "x" * (MAX_NAME_CHARS - 1)),
+            id="cut-at-a-space-right-stripped",
+        ),
+        pytest.param(
+            {"first_name": None, "last_name": None, "shipping_name": f"{LONG}y {LONG} Lee"},
+            real(LONG, LONG),
+            id="shipping-name-parts-cut",
+        ),
+        pytest.param(
+            {"first_name": None, "last_name": None, "shipping_name": None, "shipping_company": LONG + "y"},
+            company(LONG),
+            id="company-cut",
+        ),
+    ],
+)
+def test_names_are_clipped_to_255_characters(changes: dict[str, Any], expected: ProfileName) -> None:
+    assert MAX_NAME_CHARS == 255
+    assert profile_name(order(**changes)) == expected
+
+
 @pytest.mark.parametrize(
     ("new", "sent", "expected"),
     [
@@ -211,6 +244,10 @@ def test_should_send_name(new: ProfileName, sent: ProfileName | None, expected: 
         pytest.param(
             real("Cher", None), {"email": "a@x.io", "first_name": "Cher", "last_name": None},
             id="real-name-clears-a-stale-last-name",
+        ),
+        pytest.param(
+            real(None, "Lee"), {"email": "a@x.io", "first_name": None, "last_name": "Lee"},
+            id="real-name-clears-a-stale-first-name",
         ),
         pytest.param(
             company("Acme"), {"email": "a@x.io", "first_name": "Acme", "organization": "Acme"}, id="company"
@@ -382,6 +419,26 @@ def test_email_appearing_later_announces_later_status() -> None:
     assert ledger.kinds() == [S]
 
 
+def test_milestone_seen_without_email_is_announced_when_the_email_arrives() -> None:
+    ledger = Ledger()
+    ledger.run([order(status=100, email=None)])
+    ledger.run([order(status=120)])
+    assert [e.payload["metric"] for e in ledger.events] == ["Processing order"]
+    assert ledger.memory[1001] == OrderMemory(120, frozenset({P}))
+
+
+def test_every_changed_order_without_email_is_counted() -> None:
+    page = [
+        order(id=1, status=100, email=None),
+        order(id=2, status=100, email=None),
+        order(id=1, status=300, email=None),
+        order(id=3, status=300),
+    ]
+    plan = plan_page(RULES, page, {2: OrderMemory(100)}, {}, NOW)
+    assert plan.skipped_no_email == 2  # order 1 twice (it changed); order 2 is a re-read
+    assert plan.orders == {1: OrderMemory(300), 3: OrderMemory(300, frozenset({S}))}
+
+
 def test_no_email_milestone_still_blocks_late_regression() -> None:
     ledger = Ledger()
     ledger.run([order(status=300, email=None)])
@@ -452,6 +509,43 @@ LAUNCH = datetime(2026, 3, 1, tzinfo=UTC)
 )
 def test_backfill_flag(kind: EventKind, changes: dict[str, Any], now: datetime, expected: bool) -> None:
     assert event_payload(order(**changes), kind, RULES, now)["backfill"] is expected
+
+
+JST = timezone(timedelta(hours=9))
+
+
+@pytest.mark.usefixtures("tokyo")
+@pytest.mark.parametrize(
+    ("changes", "now", "expected"),
+    [
+        pytest.param({}, NOW.replace(tzinfo=None), "2026-03-13T15:39:21+00:00", id="naive-now"),
+        pytest.param(
+            {"updated_at": NOW + timedelta(hours=2)},
+            NOW.replace(tzinfo=None),
+            "2026-03-14T12:00:00+00:00",
+            id="naive-now-clamps-as-utc",
+        ),
+        pytest.param(
+            {"updated_at": NOW + timedelta(hours=2)}, NOW.astimezone(JST), "2026-03-14T12:00:00+00:00",
+            id="tokyo-now-clamps-at-the-same-instant",
+        ),
+        pytest.param(
+            {"updated_at": T0.astimezone(JST)}, NOW, "2026-03-13T15:39:21+00:00", id="tokyo-time-sent-as-utc"
+        ),
+    ],
+)
+def test_times_are_utc_whatever_the_local_zone(changes: dict[str, Any], now: datetime, expected: str) -> None:
+    payload = event_payload(order(**changes), C, RULES, now)
+    assert payload["time"] == expected
+    assert payload["backfill"] is False
+
+
+@pytest.mark.usefixtures("tokyo")
+def test_naive_now_is_utc_for_backfill_and_samples() -> None:
+    naive = datetime(2026, 3, 1, 0, 0, 30)  # 30 s after launch in UTC; 9 h before it if read as Tokyo time
+    assert event_payload(order(updated_at=LAUNCH), P, RULES, naive)["backfill"] is False
+    (processing, *_) = sample_events(RULES, "o@x.io", naive)
+    assert processing.payload["time"] == "2026-03-01T00:00:30+00:00"
 
 
 # ---------------------------------------------------------------- payload: value and properties
@@ -581,9 +675,53 @@ def test_properties(changes: dict[str, Any], expected: dict[str, Any]) -> None:
     assert event_payload(order(**changes), P, RULES, NOW)["properties"] == expected
 
 
+FULL_TEXT = "x" * MAX_TEXT_CHARS
+
+
+@pytest.mark.parametrize(
+    ("text", "sent"),
+    [
+        pytest.param("Mug ", "Mug ", id="short-kept-verbatim"),
+        pytest.param(FULL_TEXT[:-1] + " ", FULL_TEXT[:-1] + " ", id="at-limit-kept-verbatim"),
+        pytest.param(FULL_TEXT + "yz", FULL_TEXT, id="over-limit-cut"),
+        pytest.param(FULL_TEXT[:-1] + " yz", FULL_TEXT[:-1], id="cut-at-a-space-right-stripped"),
+    ],
+)
+def test_item_texts_are_clipped_to_1000_characters(text: str, sent: str) -> None:
+    assert MAX_TEXT_CHARS == 1000
+    props = event_payload(order(items=(item(None, sku=text, name=text),)), P, RULES, NOW)["properties"]
+    assert props["ItemNames"] == [sent]
+    assert props["Items"] == [{"SKU": sent, "ProductName": sent, "Quantity": 1}]
+
+
+def test_items_are_capped_at_1000_but_all_count_towards_the_value() -> None:
+    assert MAX_ITEMS == 1000
+    items = tuple(item("1.00", name=f"n{i}") for i in range(MAX_ITEMS + 1))
+    payload = event_payload(order(items=items), P, RULES, NOW)
+    assert payload["properties"]["ItemNames"] == [f"n{i}" for i in range(MAX_ITEMS)]
+    assert len(payload["properties"]["Items"]) == MAX_ITEMS
+    assert (payload["value"], payload["value_currency"]) == (1001.0, "USD")
+
+
 def test_metric_names_follow_rules() -> None:
     rules = replace(RULES, metric_names={**DEFAULT_METRIC_NAMES, S: "Shipped by Acme 3PL"})
     assert event_payload(order(), S, rules, NOW)["metric"] == "Shipped by Acme 3PL"
+
+
+def test_default_metric_names_are_pinned() -> None:
+    # Every merchant's flows are triggered by these names: renaming one silently stops them.
+    assert DEFAULT_METRIC_NAMES == {
+        P: "Processing order",
+        C: "Order cancelled",
+        S: "Order shipped",
+        D: "Order delivered",
+    }
+
+
+def test_metric_name_missing_from_rules_is_the_default() -> None:
+    rules = replace(RULES, metric_names={S: "Shipped by Acme 3PL"})
+    metrics = [event_payload(order(), kind, rules, NOW)["metric"] for kind in (P, C, S, D)]
+    assert metrics == ["Processing order", "Order cancelled", "Shipped by Acme 3PL", "Order delivered"]
 
 
 def test_payload_is_deterministic() -> None:
@@ -614,6 +752,72 @@ def test_sample_events() -> None:
         assert props["Items"][0]["SKU"] == "SAMPLE-SKU"
         assert event_for(order(status=props["StatusCode"]), RULES) is row.kind
         assert ("TrackingNumbers" in props) is (row.kind in (S, D))
+
+
+SAMPLE_ITEM = {"SKU": "SAMPLE-SKU", "ProductName": "Sample product", "Quantity": 1, "ItemPrice": 25.0, "RowTotal": 25.0}
+SAMPLE_SHIPPING = {
+    "TrackingNumbers": ["1Z999AA10123456784"],
+    "TrackingURLs": ["https://www.ups.com/track?tracknum=1Z999AA10123456784"],
+    "Carrier": "UPS",
+    "ShippingMethod": "UPS Ground",
+    "ShippedAt": "2026-03-14T12:00:00+00:00",
+    "EstimatedDelivery": "2026-03-17",
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "shipping"),
+    [
+        pytest.param(P, (100, "Processing"), {}, id="processing"),
+        pytest.param(C, (40, "Cancelled"), {}, id="cancelled"),
+        pytest.param(S, (300, "Shipped"), SAMPLE_SHIPPING, id="shipped"),
+        pytest.param(D, (350, "Delivered"), SAMPLE_SHIPPING, id="delivered"),
+    ],
+)
+def test_sample_event_contents_are_pinned(
+    kind: EventKind, status: tuple[int, str], shipping: dict[str, Any]
+) -> None:
+    # What a merchant sees in the flow builder before launch: every property a real event can carry.
+    rows = sample_events(RULES, "ops@merchant.example", NOW + timedelta(microseconds=700))
+    (row,) = [r for r in rows if r.kind is kind]
+    assert row.payload == {
+        "email": "ops@merchant.example",
+        "metric": DEFAULT_METRIC_NAMES[kind],
+        "unique_id": f"sample:{kind.value}",
+        "time": "2026-03-14T12:00:00+00:00",
+        "backfill": True,
+        "value": 25.0,
+        "value_currency": "USD",
+        "properties": {
+            "OrderId": "SAMPLE",
+            "OrderNumber": "SAMPLE-1",
+            "Status": status[1],
+            "StatusCode": status[0],
+            "ItemNames": ["Sample product"],
+            "Items": [SAMPLE_ITEM],
+            **shipping,
+            "Sample": True,
+        },
+    }
+
+
+NOT_CANCELLED = {code: kind for code, kind in DEFAULT_STATUS_EVENTS.items() if kind is not C}
+
+
+@pytest.mark.parametrize(
+    ("status_events", "expected"),
+    [
+        pytest.param(NOT_CANCELLED, {P: 100, C: 40, S: 300, D: 350}, id="cancelled-empty"),
+        pytest.param({120: P, 325: D}, {P: 120, C: 40, S: 300, D: 325}, id="some-mapped"),
+        pytest.param({}, {P: 100, C: 40, S: 300, D: 350}, id="none-mapped"),
+    ],
+)
+def test_milestone_without_status_codes_still_gets_a_sample(
+    status_events: dict[int, EventKind], expected: dict[EventKind, int]
+) -> None:
+    # `[statuses] cancelled = []` is valid config: set-up still sends the sample, with Whiplash's usual code.
+    rows = sample_events(replace(RULES, status_events=status_events), "o@x.io", NOW)
+    assert {r.kind: r.payload["properties"]["StatusCode"] for r in rows} == expected
 
 
 def test_sample_events_follow_custom_status_map() -> None:

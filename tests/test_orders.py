@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -159,6 +159,16 @@ def test_updated_at_is_converted_to_utc(text: str, expected: datetime) -> None:
     assert order.updated_at.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
 
 
+@pytest.mark.usefixtures("tokyo")
+def test_times_are_utc_whatever_the_local_zone() -> None:
+    order = parse_order(raw())
+    for at in (order.updated_at, order.shipped_on, order.packages[0].shipped_on):
+        assert at is not None
+        assert at.utcoffset() == timedelta(0)
+    assert order.updated_at.isoformat() == "2026-03-13T15:39:21+00:00"
+    assert order_key(raw()) == (utc(2026, 3, 13, 15, 39, 21), 12345)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
     [
@@ -221,19 +231,78 @@ def test_required_fields_are_strict(changes: dict[str, Any], order_id: int | Non
 
 
 @pytest.mark.parametrize(
-    "obj",
+    ("changes", "why"),
     [
-        pytest.param(None, id="null"),
-        pytest.param([raw()], id="list"),
-        pytest.param("order", id="string"),
-        pytest.param(12345, id="int"),
-        pytest.param(1.5, id="float"),
-        pytest.param(True, id="bool"),
-        pytest.param({}, id="empty-object"),
+        pytest.param({"id": None}, "id missing or not a positive integer", id="id"),
+        pytest.param({"status": None}, "status missing or not an integer", id="status"),
+        pytest.param({"updated_at": None}, "updated_at missing or not an ISO-8601 time with offset", id="updated_at"),
     ],
 )
-def test_non_orders_are_malformed(obj: object) -> None:
-    assert malformed(obj).order_id is None
+def test_malformed_reason_is_stated_exactly(changes: dict[str, Any], why: str) -> None:
+    # The reason is what an operator reads in `dead-letters list`.
+    assert malformed(raw(**changes)).why == why
+
+
+INT64 = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "expected"),
+    [
+        pytest.param({"id": INT64}, "id", INT64, id="id-int64-max"),
+        pytest.param({"status": INT64}, "status", INT64, id="status-int64-max"),
+        pytest.param({"status": -INT64}, "status", -INT64, id="status-int64-min"),
+        pytest.param({"status": 0}, "status", 0, id="status-zero"),
+    ],
+)
+def test_int64_bounds_accepted(changes: dict[str, Any], field: str, expected: int) -> None:
+    assert getattr(parse_order(raw(**changes)), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "order_id", "why"),
+    [
+        pytest.param({"id": INT64 + 1}, None, "id", id="id-over-int64"),
+        pytest.param({"status": INT64 + 1}, 12345, "status", id="status-over-int64"),
+        pytest.param({"status": -INT64 - 1}, 12345, "status", id="status-under-int64"),
+    ],
+)
+def test_int64_bounds_rejected(changes: dict[str, Any], order_id: int | None, why: str) -> None:
+    exc = malformed(raw(**changes))
+    assert (exc.order_id, exc.why.split()[0]) == (order_id, why)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(INT64, INT64, id="int64-max"),
+        pytest.param(-INT64, -INT64, id="int64-min"),
+        pytest.param(INT64 + 1, None, id="over-int64"),
+        pytest.param(-INT64 - 1, None, id="under-int64"),
+        pytest.param("77", None, id="string"),
+        pytest.param(True, None, id="bool"),
+        pytest.param(None, None, id="null"),
+    ],
+)
+def test_customer_id_is_tolerant(value: object, expected: int | None) -> None:
+    assert parse_order(raw(customer_id=value)).customer_id == expected
+
+
+@pytest.mark.parametrize(
+    ("obj", "why"),
+    [
+        pytest.param(None, "order is a null, not an object", id="null"),
+        pytest.param([raw()], "order is a list, not an object", id="list"),
+        pytest.param("order", "order is a str, not an object", id="string"),
+        pytest.param(12345, "order is a int, not an object", id="int"),
+        pytest.param(1.5, "order is a float, not an object", id="float"),
+        pytest.param(True, "order is a bool, not an object", id="bool"),
+        pytest.param({}, "id missing or not a positive integer", id="empty-object"),
+    ],
+)
+def test_non_orders_are_malformed(obj: object, why: str) -> None:
+    exc = malformed(obj)
+    assert (exc.order_id, exc.why) == (None, why)
 
 
 # ---------------------------------------------------------------- items
@@ -291,6 +360,28 @@ def test_item_price_invalid_is_malformed(price: object) -> None:
 )
 def test_item_quantity_accepted(quantity: object, expected: int) -> None:
     assert parse_order(raw(order_items=[item(quantity=quantity)])).items[0].quantity == expected
+
+
+def test_item_bounds() -> None:
+    # Σ price × quantity must stay a finite float: quantity ≤ 10⁹ and price < 10¹² are the bounds.
+    ok = parse_order(raw(order_items=[item(quantity=10**9, price="999999999999.99")])).items[0]
+    assert (ok.quantity, ok.price) == (10**9, Decimal("999999999999.99"))
+    assert "quantity" in malformed(raw(order_items=[item(quantity=10**9 + 1)])).why
+    assert "price" in malformed(raw(order_items=[item(price=10**12)])).why
+
+
+@pytest.mark.parametrize(
+    ("currency", "expected"),
+    [
+        pytest.param(DROP, None, id="missing"),
+        pytest.param(None, None, id="null"),
+        pytest.param(" ", None, id="blank"),
+        pytest.param(840, None, id="number"),
+        pytest.param("eur", "EUR", id="upper-cased"),
+    ],
+)
+def test_item_currency(currency: object, expected: str | None) -> None:
+    assert parse_order(raw(order_items=[item(currency=currency)])).items[0].currency == expected
 
 
 @pytest.mark.parametrize(
@@ -381,6 +472,18 @@ def test_identifiers_become_text(changes: dict[str, Any], expected: str | None) 
     order = parse_order(raw(**changes))
     value = order.humanize_id if "humanize_id" in changes else order.shop_order_id
     assert value == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(INT64, str(INT64), id="int64-max"),
+        pytest.param(-INT64, str(-INT64), id="int64-min"),
+        pytest.param(INT64 + 1, None, id="over-int64"),
+    ],
+)
+def test_integer_identifiers_are_bounded(value: int, expected: str | None) -> None:
+    assert parse_order(raw(humanize_id=value)).humanize_id == expected
 
 
 # ---------------------------------------------------------------- shipping
@@ -501,6 +604,38 @@ def test_excerpt_never_crashes(obj: object) -> None:
     assert len(excerpt(obj)) <= EXCERPT_CHARS
 
 
+def test_excerpt_limit_is_200_characters_ellipsis_included() -> None:
+    assert EXCERPT_CHARS == 200
+    at_limit = {"id": 1, "status_name": "x" * (EXCERPT_CHARS - len('{"id":1,"status_name":""}'))}
+    assert excerpt(at_limit) == '{"id":1,"status_name":"' + at_limit["status_name"] + '"}'
+    assert len(excerpt(at_limit)) == EXCERPT_CHARS
+    longer = {"id": 1, "status_name": at_limit["status_name"] + "y"}
+    assert excerpt(longer) == ('{"id":1,"status_name":"' + longer["status_name"])[: EXCERPT_CHARS - 1] + "…"
+    assert len(excerpt(longer)) == EXCERPT_CHARS
+
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no")
+
+
+@pytest.mark.parametrize(
+    ("obj", "text"),
+    [
+        pytest.param({"id": 1, "status": Decimal("1.50")}, '{"id":1,"status":"Decimal(\'1.50\')"}',
+                     id="value-by-repr"),
+        pytest.param({"id": _circular()}, "{'id': [[...]]}", id="circular-by-repr"),
+        pytest.param({"id": _Unprintable()}, "<unprintable dict>", id="unprintable"),
+        pytest.param("a string", "<str>", id="not-an-object"),
+        pytest.param([1, 2], "<list>", id="a-list"),
+        pytest.param(None, "<null>", id="null"),
+        pytest.param({"email": "ann@example.com", "first_name": "Ann"}, "{}", id="only-personal-fields"),
+    ],
+)
+def test_excerpt_of_what_json_cannot_show(obj: object, text: str) -> None:
+    assert excerpt(obj) == text
+
+
 def test_status_table_covers_the_documented_codes() -> None:
     assert len(STATUS_NAMES) == 27
     assert (STATUS_NAMES[45], STATUS_NAMES[300], STATUS_NAMES[350]) == (
@@ -508,6 +643,18 @@ def test_status_table_covers_the_documented_codes() -> None:
         "Shipped",
         "Delivered",
     )
+
+
+def test_status_table_is_pinned_to_the_spec() -> None:
+    # The "Status" property of every event whose order has no status_name (whiplash-api.md §4).
+    assert dict(STATUS_NAMES) == {
+        30: "Shipped Externally", 35: "Quote", 40: "Cancelled", 45: "Closed by Originator", 50: "Unpaid",
+        75: "Pending Return", 77: "Return Verified", 80: "Pre-Order", 90: "Paused", 95: "Insufficient Inventory",
+        100: "Processing", 120: "Printed", 140: "Pending Pick Confirmation", 150: "Picked",
+        155: "Prepacking in Progress", 160: "Packed", 200: "Label Scheduled for Purchase", 250: "Label Purchased",
+        300: "Shipped", 325: "Picked Up", 350: "Delivered", 375: "Return Expired", 380: "Replacement Cancelled",
+        400: "Returned Undeliverable", 410: "Replacement Requested", 430: "Exchanged", 450: "Refund Requested",
+    }
 
 
 # ---------------------------------------------------------------- property: never anything but MalformedOrder

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import math
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from fakeclock import FakeTime
 from pydantic import SecretStr
 
 from klaviyo_bridge.klaviyo import KlaviyoClient
-from klaviyo_bridge.ratelimit import BURST_PERIOD, LIMITS, STEADY_PERIOD, AccountLimiter, Endpoint
+from klaviyo_bridge.ratelimit import BURST_PERIOD, LIMITS, STEADY_PERIOD, AccountLimiter, Endpoint, Limit
 from klaviyo_bridge.sandbox.klaviyo import Account, FakeKlaviyo, serve_klaviyo
 
 SHARES = [0.5, 0.8, 0.95]
@@ -37,8 +38,8 @@ def limiter(fake: FakeTime, share: float = 0.5) -> AccountLimiter:
 
 
 def capacity(share: float, limit: int) -> int:
-    """Whole tokens a full bucket holds: the part of the limit left to others, at least one."""
-    return max(1, math.floor((1 - share) * limit + 1e-9))
+    """Whole tokens a full bucket holds: the part of the limit left to others, at least one, below the limit."""
+    return max(1, min(limit - 1, math.floor((1 - share) * limit + 1e-9)))
 
 
 def rate(share: float, limit: int, period: float) -> float:
@@ -269,6 +270,79 @@ async def test_concurrent_waiters_are_served_in_order_one_refill_each(fake: Fake
 def test_share_outside_unit_interval_is_refused(share: float) -> None:
     with pytest.raises(ValueError, match="share"):
         AccountLimiter(share)
+
+
+async def test_whole_share_is_accepted_and_keeps_one_token_of_burst(fake: FakeTime) -> None:
+    """13. share 1 (config allows rate_limit_share = 1): each bucket holds its one-token floor.
+    Result: the refill is trimmed to limit - 1 per window (9 per second, 149 per minute), so the second
+    request waits one steady refill and no window ever holds more than the published limit."""
+    lim = limiter(fake, share=1.0)
+    await lim.acquire(Endpoint.LIST_ADD)
+    assert fake.now == 0.0
+    await lim.acquire(Endpoint.LIST_ADD)
+    assert fake.now == pytest.approx(STEADY_PERIOD / 149)
+
+    grants = await demand(lim, fake, Endpoint.LIST_ADD, 120.0)
+    assert_within_published(grants, Endpoint.LIST_ADD)
+
+
+async def test_vanishing_share_waits_instead_of_dividing_by_zero(fake: FakeTime) -> None:
+    """14. share 1e-12 (valid config): (1 - share) × limit rounds to the whole limit.
+    Result: the bucket still refills (slowly); a drained one makes the caller wait, it never raises."""
+    lim = limiter(fake, share=1e-12)
+    burst = LIMITS[Endpoint.LIST_ADD].burst
+    for _ in range(burst - 1):
+        await lim.acquire(Endpoint.LIST_ADD)
+    assert fake.now == 0.0
+
+    await lim.acquire(Endpoint.LIST_ADD)
+
+    assert fake.now == pytest.approx(1 / (1e-12 * burst))
+
+
+@pytest.mark.parametrize(("seconds", "waited"), [(0.25, 0.25), (0.0, 0.0), (-3.0, 0.0)])
+async def test_sub_second_penalty_waits_exactly_that_long(fake: FakeTime, seconds: float, waited: float) -> None:
+    """15. A 429 with Retry-After 0.25 s (or 0, or a nonsense negative hint).
+    Result: the endpoint waits exactly that long, never a rounded-up second, never a negative time."""
+    lim = limiter(fake)
+    lim.penalize(Endpoint.EVENTS, seconds)
+
+    await lim.acquire(Endpoint.EVENTS)
+
+    assert fake.now == pytest.approx(waited)
+    assert all(s > 0 for s in fake.sleeps)
+
+
+async def test_quota_and_penalty_are_logged_at_debug(fake: FakeTime, caplog: pytest.LogCaptureFixture) -> None:
+    """16. The server reports exactly what we hold, then less; then a 429 penalty.
+    Result: one debug line for the lower quota (nothing when it matches ours) and one for the penalty."""
+    caplog.set_level(logging.DEBUG, logger="klaviyo_bridge.ratelimit")
+    lim = limiter(fake, share=0.5)
+    held = capacity(0.5, LIMITS[Endpoint.LIST_ADD].steady)
+
+    lim.observe(Endpoint.LIST_ADD, {"RateLimit-Remaining": str(held)})
+    assert caplog.messages == []
+    lim.observe(Endpoint.LIST_ADD, {"RateLimit-Remaining": "3", "RateLimit-Reset": "0"})
+    lim.penalize(Endpoint.EVENTS, 1.5)
+
+    assert caplog.messages == [
+        f"klaviyo quota lower than assumed endpoint=LIST_ADD remaining=3.0 reset=0.0 tokens={held}.0",
+        "klaviyo endpoint penalized endpoint=EVENTS seconds=1.500",
+    ]
+
+
+def test_published_limits_are_pinned() -> None:
+    # x-klaviyo-ratelimit of the 2026-07-15 spec: burst per second, steady per minute.
+    assert (BURST_PERIOD, STEADY_PERIOD) == (1.0, 60.0)
+    assert dict(LIMITS) == {
+        Endpoint.EVENTS: Limit(350, 3500),
+        Endpoint.PROFILE_IMPORT: Limit(75, 750),
+        Endpoint.LISTS_READ: Limit(75, 750),
+        Endpoint.LISTS_CREATE: Limit(10, 150),
+        Endpoint.LIST_ADD: Limit(10, 150),
+        Endpoint.BULK_EVENTS: Limit(10, 150),
+        Endpoint.BULK_PROFILES: Limit(10, 150),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
