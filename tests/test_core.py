@@ -872,6 +872,21 @@ def walk(rules: Rules, statuses: Sequence[int], known: dict[int, OrderMemory] | 
     return announced, memory
 
 
+def test_an_invalid_email_is_named_not_counted_as_missing() -> None:
+    """1. A page: an order with an invalid email, one without email, one changing again with an invalid email.
+    Result: the invalid ones are listed by id (for the log and status), the missing one counted apart; none of
+    them gets a profile or an event; their statuses are remembered so a re-read does not list them again."""
+    page = [order(id=11, email=None, email_invalid=True), order(id=12, email=None),
+            order(id=13, email=None, email_invalid=True, status=300)]
+    plan = plan_page(RULES, page, {13: OrderMemory(100)}, {}, NOW)
+    assert plan.invalid_email == [11, 13]
+    assert plan.skipped_no_email == 1
+    assert (plan.events, plan.profiles) == ([], [])
+    assert set(plan.orders) == {11, 12, 13}
+    again = plan_page(RULES, page, plan.orders, {}, NOW)
+    assert (again.invalid_email, again.skipped_no_email) == ([], 0)
+
+
 def test_a_disabled_milestone_is_remembered_not_announced() -> None:
     """1. Rules with only shipped and delivered; the order goes 100 → 300 → 350. Result: no processing event, the
     others under the merchant's metric names; the memory still knows the status (and that processing was not

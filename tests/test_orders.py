@@ -421,22 +421,30 @@ def test_items_tolerate_shapes(items: object, expected: tuple[OrderItem, ...]) -
 
 
 @pytest.mark.parametrize(
-    ("email", "expected"),
+    ("email", "expected", "invalid"),
     [
-        pytest.param("ann@example.com", "ann@example.com", id="plain"),
-        pytest.param("Ann.Lee@Example.COM", "ann.lee@example.com", id="uppercase"),
-        pytest.param("  ann@example.com\n", "ann@example.com", id="whitespace"),
-        pytest.param("Ann+Orders@Example.com", "ann+orders@example.com", id="plus-tag-kept"),
-        pytest.param("", None, id="empty"),
-        pytest.param("   ", None, id="whitespace-only"),
-        pytest.param("ann.example.com", None, id="no-at"),
-        pytest.param(None, None, id="null"),
-        pytest.param(42, None, id="number"),
-        pytest.param(["ann@example.com"], None, id="list"),
+        pytest.param("ann@example.com", "ann@example.com", False, id="plain"),
+        pytest.param("Ann.Lee@Example.COM", "ann.lee@example.com", False, id="uppercase"),
+        pytest.param("  ann@example.com\n", "ann@example.com", False, id="whitespace"),
+        pytest.param("Ann+Orders@Example.com", "ann+orders@example.com", False, id="plus-tag-kept"),
+        pytest.param("", None, False, id="empty"),
+        pytest.param("   ", None, False, id="whitespace-only"),
+        pytest.param(None, None, False, id="null"),
+        pytest.param(42, None, False, id="number"),
+        pytest.param(["ann@example.com"], None, False, id="list"),
+        pytest.param("ann.example.com", None, True, id="no-at"),
+        pytest.param("ann@@example.com", None, True, id="two-ats"),
+        pytest.param("ann smith@example.com", None, True, id="space-inside"),
+        pytest.param("ann@localhost", None, True, id="no-dot-domain"),
+        pytest.param("ann@example..com", None, True, id="empty-label"),
+        pytest.param("ann@example.test", None, True, id="reserved-domain"),
     ],
 )
-def test_email_normalisation(email: object, expected: str | None) -> None:
-    assert parse_order(raw(email=email)).email == expected
+def test_email_normalisation(email: object, expected: str | None, invalid: bool) -> None:
+    """An email is either an address by syntax (trimmed, lower-cased) or absent; one that is present but not an
+    address is flagged, so the order gets no profile and no event and is counted as such."""
+    order = parse_order(raw(email=email))
+    assert (order.email, order.email_invalid) == (expected, invalid)
 
 
 @pytest.mark.parametrize(
