@@ -308,10 +308,14 @@ def event_time(order: Order, kind: EventKind, now: datetime) -> datetime:
     return min(max(at, _EARLIEST_TIME), _utc(now))
 
 
+def midnight_utc(day: date) -> datetime:
+    """Return 00:00 UTC of ``day``: where launch dates, backfill windows and "today" begin."""
+    return datetime.combine(day, time.min, tzinfo=UTC)
+
+
 def is_backfill(at: datetime, rules: Rules, now: datetime) -> bool:
     """Tell whether an event at ``at`` is history (pre-launch or stale) that must not fire flows."""
-    launch = datetime.combine(rules.launch_date, time.min, tzinfo=UTC)
-    return at < launch or at < _utc(now) - rules.stale_after
+    return at < midnight_utc(rules.launch_date) or at < _utc(now) - rules.stale_after
 
 
 def shipped_at(order: Order) -> datetime | None:

@@ -31,6 +31,8 @@ import aiohttp
 from pydantic import BaseModel
 
 from . import logs
+from .aio import guarded, sleep_unless, wait_any
+from .clock import WallClock, utcnow
 from .config import CustomerSettings, LoadedConfig, Settings, load_config
 from .errors import ConfigError
 from .health import UpstreamHealth
@@ -41,7 +43,7 @@ from .store import Store
 from .sync import build_whiplash_client
 from .systemd import Notifier, watchdog_interval
 from .whiplash import WhiplashClient
-from .worker import Clock, CustomerWorker, guarded, sleep_unless, utcnow, wait_any
+from .worker import CustomerWorker
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +259,7 @@ class Daemon:
         loaded: LoadedConfig,
         *,
         once: bool = False,
-        clock: Clock = utcnow,
+        clock: WallClock = utcnow,
         config_path: Path | None = None,
         notifier: Notifier | None = None,
     ) -> None:

@@ -39,10 +39,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from . import failpoints, logs
+from .aio import together
+from .clock import Monotonic, WallClock
 from .core import EventKind, event_kind_of_key
 from .errors import AuthFailed, MalformedPayload, PermanentUpstream, TransientUpstream, UpstreamError
 from .health import UpstreamHealth
@@ -113,22 +115,6 @@ def is_backfill(payload: dict[str, Any]) -> bool:
     return payload.get("backfill") is True
 
 
-async def together(*coros: Awaitable[T]) -> list[T]:
-    """Await coroutines concurrently; if one fails, cancel and wait out the rest before raising its error.
-
-    Plain ``asyncio.gather`` would leave the siblings running after the first failure (e.g. a disk-full mark),
-    sending rows while the caller already retries them: a row could then be in two requests at once.
-    """
-    tasks = [asyncio.ensure_future(coro) for coro in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
 def halves(items: Sequence[Parsed]) -> tuple[Sequence[Parsed], Sequence[Parsed]]:
     """Split a refused chunk in two for bisection."""
     middle = len(items) // 2
@@ -144,7 +130,7 @@ class Deliverer:
         store: Store,
         klaviyo: KlaviyoClient,
         *,
-        clock: Callable[[], datetime],
+        clock: WallClock,
         concurrency: int = 16,
         batch: int = 200,
         bulk_events_min: int = BULK_EVENTS_MIN,
@@ -153,7 +139,7 @@ class Deliverer:
         profile_fetch: int = PROFILE_FETCH,
         health: UpstreamHealth | None = None,
         key_probe_seconds: float = 300.0,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Monotonic = time.monotonic,
         events: frozenset[EventKind] = frozenset(EventKind),
     ) -> None:
         self.customer_id = customer_id

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from .clock import Monotonic
 from .errors import AuthFailed, PermanentUpstream, UpstreamError
 from .metrics import MetricsSink, NoMetrics
 
 log = logging.getLogger(__name__)
-
-Monotonic = Callable[[], float]
 
 _ADVICE = {
     "whiplash": "polls are retried every interval and resume where they stopped; nothing is lost. If it lasts, "

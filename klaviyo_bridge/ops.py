@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import logs
+from .clock import utcnow
 from .config import load_or_report
+from .core import midnight_utc
 from .errors import BridgeError, StoreError
 from .exits import CONFIG_HELP, EX_CONFIG, EX_FATAL, EX_OK, EX_TEMPFAIL, EX_USAGE
 
@@ -114,11 +116,6 @@ def _fail(message: str, code: int = EX_FATAL) -> int:
 def plural(n: int, noun: str) -> str:
     """Return "1 order", "2 orders"."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def utcnow() -> datetime:
-    """Return the current time, aware, in UTC."""
-    return datetime.now(UTC)
 
 
 async def open_store(settings: Settings, *, write: bool) -> Store:
@@ -426,7 +423,7 @@ async def _resync_walk(settings: Settings, store: Store, customer: CustomerSetti
 
     from .sync import build_whiplash_client, sync_window
 
-    start = datetime.combine(since, datetime.min.time(), UTC)
+    start = midnight_utc(since)
     cid = customer.whiplash_customer_id
     timeout = aiohttp.ClientTimeout(total=settings.whiplash.timeout_seconds)
     try:

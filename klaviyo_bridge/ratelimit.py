@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple
 
+from .clock import Monotonic
+
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 BURST_PERIOD = 1.0
@@ -144,7 +145,7 @@ def _header(headers: Mapping[str, str], name: str) -> float | None:
 class AccountLimiter:
     """Pace requests to one Klaviyo account (one merchant) at ``share`` of each endpoint's limits."""
 
-    def __init__(self, share: float, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(self, share: float, *, clock: Monotonic = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
         if not 0.0 < share <= 1.0:
             raise ValueError(f"share must be in (0, 1], got {share}")
         self._share = share

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 from .config import ALL_EVENTS, CustomerSettings, Settings
+from .core import midnight_utc
 from .exits import CHECK_CRITICAL, CHECK_OK, CHECK_WARNING
 from .store import CustomerState, Store
 
@@ -72,14 +73,14 @@ def stale_limit(settings: Settings) -> timedelta:
     return timedelta(seconds=STALE_POLLS * settings.bridge.poll_interval_seconds)
 
 
-def utc_midnight(now: datetime) -> datetime:
-    """Return 00:00 UTC of ``now``'s UTC day."""
-    return datetime.combine(now.astimezone(UTC).date(), datetime.min.time(), UTC)
+def start_of_day(now: datetime) -> datetime:
+    """Return 00:00 UTC of ``now``'s UTC day ("today" in status is the UTC day, like launch dates)."""
+    return midnight_utc(now.astimezone(UTC).date())
 
 
 def phase_of(customer: CustomerSettings, state: CustomerState, now: datetime) -> str:
     """Name where the customer is: pre-launch, backfill (first walk since launch not finished) or live."""
-    launch = datetime.combine(customer.launch_date, datetime.min.time(), UTC)
+    launch = midnight_utc(customer.launch_date)
     if now < launch:
         return "pre-launch"
     # The first poll after launch walks the whole backfill window; until one completes, history is loading.
@@ -102,7 +103,7 @@ async def _row(store: Store, customer: CustomerSettings, now: datetime, limit: t
     """Build one customer's status row."""
     cid = customer.whiplash_customer_id
     state = await store.customer_state(cid)
-    counts = await store.counts(cid, utc_midnight(now))
+    counts = await store.counts(cid, start_of_day(now))
     ok = state.last_poll_ok_at
     age = round((now - ok).total_seconds(), 1) if ok else None
     klaviyo_failing = _seconds(now, state.klaviyo_failing_since)

@@ -27,6 +27,7 @@ from typing import Protocol
 import aiohttp
 
 from . import core, failpoints
+from .clock import WallClock
 from .config import WhiplashSettings
 from .orders import Order, order_key
 from .store import Store
@@ -34,7 +35,6 @@ from .whiplash import Key, Page, TokenManager, TokenVault, WhiplashAuth, Whiplas
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 PageHook = Callable[[Page, int], None]  # (committed page, rows it queued)
 
 
@@ -118,7 +118,7 @@ async def sync_window(
     since: datetime,
     *,
     move_cursor: bool,
-    clock: Clock,
+    clock: WallClock,
     on_page: PageHook | None = None,
     stop: asyncio.Event | None = None,
 ) -> SyncStats:
@@ -177,7 +177,7 @@ async def reconcile_shipped(
     rules: core.Rules,
     since: datetime,
     *,
-    clock: Clock,
+    clock: WallClock,
     on_page: PageHook | None = None,
 ) -> SyncStats:
     """Re-read by id the orders remembered as shipped since ``since`` and not yet delivered; commit changes."""

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -31,6 +31,7 @@ from backoff.types import Details
 from pydantic import SecretStr
 
 from klaviyo_bridge import failpoints, logs
+from klaviyo_bridge.clock import Epoch
 from klaviyo_bridge.errors import (
     AuthFailed,
     BridgeError,
@@ -232,7 +233,7 @@ class TokenManager:
         auth: WhiplashAuth,
         vault: TokenVault,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Epoch = time.time,
         timeout: float = 30,
     ) -> None:
         if auth.grant == "refresh_token" and auth.refresh_token is None:

@@ -9,16 +9,16 @@ never stalls another.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, timedelta
-from typing import TypeVar
+from datetime import datetime, timedelta
 
 from . import core
+from .aio import guarded, sleep_unless, wait_any
+from .clock import WallClock, utcnow
 from .config import CustomerSettings, Settings
+from .core import midnight_utc
 from .delivery import Deliverer
 from .errors import AuthFailed, BridgeError, MalformedOrder, UpstreamError
 from .health import UpstreamHealth
@@ -30,19 +30,7 @@ from .whiplash import Page
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
-T = TypeVar("T")
 INVALID_EMAILS_NAMED = 20  # order ids named per cycle line about invalid emails; the rest are counted
-
-
-def utcnow() -> datetime:
-    """Return the current time, aware, in UTC."""
-    return datetime.now(UTC)
-
-
-def midnight_utc(day: date) -> datetime:
-    """Return 00:00 UTC of a date."""
-    return datetime.combine(day, datetime.min.time(), UTC)
 
 
 class CustomerWorker:
@@ -55,7 +43,7 @@ class CustomerWorker:
         store: Store,
         whiplash: ChangeSource,
         klaviyo: KlaviyoClient,
-        clock: Clock = utcnow,
+        clock: WallClock = utcnow,
         metrics: MetricsSink | None = None,
         whiplash_health: UpstreamHealth | None = None,
     ) -> None:
@@ -361,30 +349,3 @@ def _poll_advice(exc: BaseException) -> str:
         return ("check the state DB (disk space, permissions, another process holding a lock); nothing was "
                 "committed for the failed page and it is read again next cycle")
     return "will retry next cycle; if it persists check Whiplash status and network"
-
-
-async def guarded(coro: Awaitable[T], what: str) -> T | None:
-    """Run one cycle, logging (not raising) anything unexpected so the loop survives."""
-    try:
-        return await coro
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unexpected error in %s; continuing next cycle", what)
-        return None
-
-
-async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep up to ``seconds``, returning early when ``stop`` is set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
-
-
-async def wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float | None) -> None:
-    """Sleep until ``stop`` or ``wake`` is set, or ``seconds`` pass."""
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()

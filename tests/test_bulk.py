@@ -22,8 +22,9 @@ import pytest
 from aioresponses import aioresponses
 from pydantic import SecretStr
 
+from klaviyo_bridge.aio import together
 from klaviyo_bridge.core import EventKind, EventRow, Plan, ProfileChange, ProfileName
-from klaviyo_bridge.delivery import Deliverer, together
+from klaviyo_bridge.delivery import Deliverer
 from klaviyo_bridge.klaviyo import (
     MAX_BULK_EVENTS,
     ImportFailure,

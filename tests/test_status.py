@@ -24,7 +24,7 @@ from klaviyo_bridge.exits import (
     EX_OK,
     EX_UNHEALTHY,
 )
-from klaviyo_bridge.status import age_text, check, phase_of, render_status, status_rows, utc_midnight
+from klaviyo_bridge.status import age_text, check, phase_of, render_status, start_of_day, status_rows
 from klaviyo_bridge.store import CustomerState, Store
 
 INTERVAL = 60.0
@@ -95,7 +95,7 @@ def test_table_and_json_show_each_customer(tmp_path: Path, capsys: pytest.Captur
     today = datetime.now(UTC).date()
     cfg = write_config(tmp_path, [Cust(11, today - timedelta(days=30)), Cust(22, today + timedelta(days=5)),
                                   Cust(33, today - timedelta(days=1), enabled=False)])
-    midnight = utc_midnight(datetime.now(UTC))
+    midnight = start_of_day(datetime.now(UTC))
     now = datetime.now(UTC)
     sent = [midnight + timedelta(seconds=1), midnight + timedelta(seconds=2), midnight - timedelta(seconds=1)]
     asyncio.run(seed(tmp_path / "state.db", 11, sent_at=sent, queued=2, dead=1, polled=now - timedelta(seconds=10)))
