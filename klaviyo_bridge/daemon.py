@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 from pydantic import BaseModel
 
-from . import logs
+from . import logs, whiplash
 from .aio import guarded, sleep_unless, wait_any
 from .clock import WallClock, utcnow
 from .config import CustomerSettings, LoadedConfig, Settings, load_config
@@ -40,7 +40,6 @@ from .klaviyo import KlaviyoClient
 from .metrics import Metrics, MetricsServer, NoMetrics, metrics_for, start_metrics_server
 from .ratelimit import AccountLimiter
 from .store import Store
-from .sync import build_whiplash_client
 from .systemd import Notifier, watchdog_interval
 from .whiplash import WhiplashClient
 from .worker import CustomerWorker
@@ -51,8 +50,6 @@ log = logging.getLogger(__name__)
 
 # --- lifecycle: workers, watchdog, reload ----------------------------------------------------------------
 
-# WhiplashClient's retry budget per page, passed explicitly because the watchdog's stall window builds on it.
-WHIPLASH_RETRY_BUDGET_S = 120.0
 SENT_WINDOW = timedelta(minutes=1)
 # Sent rows older than this keep their unique_id key (the never-twice guard) but lose their payload.
 RETENTION = timedelta(days=30)
@@ -63,7 +60,7 @@ def stall_window(settings: Settings) -> float:
     """Return how long a poller may go without progress before the watchdog stops vouching for the process."""
     # A poll that fails the slow way (every try timing out) still ends within the retry budget plus a
     # request, a token exchange and the retry after a 401; only a hang outlasts this, and a restart may cure it.
-    slowest_failure = WHIPLASH_RETRY_BUDGET_S + 3 * settings.whiplash.timeout_seconds
+    slowest_failure = whiplash.RETRY_BUDGET_S + 3 * settings.whiplash.timeout_seconds
     return 2 * settings.bridge.poll_interval_seconds + slowest_failure
 
 
@@ -311,9 +308,7 @@ class Daemon:
             connector=aiohttp.TCPConnector(limit=200, limit_per_host=0),
         )
         self._sessions = [whiplash_session, klaviyo_session]
-        self._whiplash = build_whiplash_client(
-            s.whiplash, whiplash_session, self._store, max_time=WHIPLASH_RETRY_BUDGET_S
-        )
+        self._whiplash = WhiplashClient.from_settings(s.whiplash, whiplash_session, self._store)
         await self._start_metrics()
         if self.once:
             self.workers = [self._build_worker(c) for c in s.enabled_customers()]

@@ -421,14 +421,15 @@ async def _resync_walk(settings: Settings, store: Store, customer: CustomerSetti
     """Walk Whiplash from ``since`` and commit every page without moving the cursor."""
     import aiohttp
 
-    from .sync import build_whiplash_client, sync_window
+    from .sync import sync_window
+    from .whiplash import WhiplashClient
 
     start = midnight_utc(since)
     cid = customer.whiplash_customer_id
     timeout = aiohttp.ClientTimeout(total=settings.whiplash.timeout_seconds)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            whiplash = build_whiplash_client(settings.whiplash, session, store)
+            whiplash = WhiplashClient.from_settings(settings.whiplash, session, store)
             stats = await sync_window(whiplash, store, settings.rules_for(customer), start,
                                       move_cursor=False, clock=utcnow)
     except BridgeError as exc:

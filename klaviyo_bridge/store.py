@@ -44,7 +44,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -55,20 +55,11 @@ import aiosqlite
 from . import failpoints, logs
 from .core import EventKind, EventRow, NameSource, OrderMemory, Plan, ProfileChange, ProfileName
 from .errors import MalformedOrder, StoreError
+from .whiplash import TokenRecord
 
 log = logging.getLogger(__name__)
 
 RowKind = Literal["profile", "event"]
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRecord:
-    """The Whiplash OAuth tokens; ``refresh_token`` must never be lost once rotated."""
-
-    access_token: str = field(repr=False)
-    expires_at: datetime  # UTC
-    refresh_token: str | None = field(repr=False)
-    seed_fingerprint: str  # sha256 of the refresh token from config that this chain started from
 
 
 @dataclass(frozen=True, slots=True)
@@ -1452,6 +1443,5 @@ __all__ = [
     "OutboxRow",
     "RowKind",
     "Store",
-    "TokenRecord",
 ]
 

@@ -24,14 +24,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
-import aiohttp
-
 from . import core, failpoints
 from .clock import WallClock
-from .config import WhiplashSettings
 from .orders import Order, order_key
 from .store import Store
-from .whiplash import Key, Page, TokenManager, TokenVault, WhiplashAuth, WhiplashClient, build_page
+from .whiplash import Key, Page, build_page
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +199,3 @@ async def reconcile_shipped(
     return stats
 
 
-def build_whiplash_client(
-    settings: WhiplashSettings, session: aiohttp.ClientSession, vault: TokenVault, *, max_time: float = 120.0
-) -> WhiplashClient:
-    """Build the Whiplash client (and its token manager) from settings; ``max_time`` bounds a page's retries."""
-    w = settings
-    auth = WhiplashAuth(w.base_url, w.grant, w.client_id, w.client_secret, w.refresh_token, w.scope)
-    tokens = TokenManager(session, auth, vault)
-    return WhiplashClient(
-        session, tokens, base_url=w.base_url, page_size=w.page_size, timeout=w.timeout_seconds, max_time=max_time
-    )

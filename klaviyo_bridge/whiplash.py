@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -32,6 +32,7 @@ from pydantic import SecretStr
 
 from klaviyo_bridge import failpoints, logs
 from klaviyo_bridge.clock import Epoch
+from klaviyo_bridge.config import Grant, WhiplashSettings
 from klaviyo_bridge.errors import (
     AuthFailed,
     BridgeError,
@@ -44,16 +45,26 @@ from klaviyo_bridge.errors import (
 )
 from klaviyo_bridge.http import body_reason
 from klaviyo_bridge.orders import Order, order_key, parse_order
-from klaviyo_bridge.store import TokenRecord
 
 log = logging.getLogger(__name__)
 
 SERVICE = "whiplash"
 ORDER_SORT = "updated_at asc,id asc"
 REFRESH_MARGIN = timedelta(minutes=5)
+# How long one page may keep retrying transient failures; the daemon's watchdog window builds on it.
+RETRY_BUDGET_S = 120.0
 EXCERPT_CHARS = 200
 Key = tuple[datetime, int]
-Grant = Literal["client_credentials", "refresh_token"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """The Whiplash OAuth tokens; ``refresh_token`` must never be lost once rotated."""
+
+    access_token: str = field(repr=False)
+    expires_at: datetime  # UTC
+    refresh_token: str | None = field(repr=False)
+    seed_fingerprint: str  # sha256 of the refresh token from config that this chain started from
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,7 +467,7 @@ class WhiplashClient:
         page_size: int = 50,
         timeout: float = 30,
         max_tries: int = 6,
-        max_time: float = 120,
+        max_time: float | None = None,
         backoff_factor: float = 1.0,
         backoff_cap: float = 30.0,
     ) -> None:
@@ -465,6 +476,8 @@ class WhiplashClient:
         self._url = f"{base_url.rstrip('/')}/api/v2/orders"
         self._page_size = page_size
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # Read when the client is built, not when this module is: the watchdog's window and tests follow it.
+        max_time = RETRY_BUDGET_S if max_time is None else max_time
         self._get_json = backoff.on_exception(
             retry_waits,
             TransientUpstream,
@@ -477,6 +490,16 @@ class WhiplashClient:
             cap=backoff_cap,
             budget=max_time,
         )(self._get_once)
+
+    @classmethod
+    def from_settings(
+        cls, settings: WhiplashSettings, session: aiohttp.ClientSession, vault: TokenVault
+    ) -> WhiplashClient:
+        """Build the client and its token manager from the [whiplash] settings."""
+        w = settings
+        auth = WhiplashAuth(w.base_url, w.grant, w.client_id, w.client_secret, w.refresh_token, w.scope)
+        tokens = TokenManager(session, auth, vault, timeout=w.timeout_seconds)
+        return cls(session, tokens, base_url=w.base_url, page_size=w.page_size, timeout=w.timeout_seconds)
 
     def __repr__(self) -> str:
         return f"WhiplashClient(url={self._url!r}, page_size={self._page_size})"

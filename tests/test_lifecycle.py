@@ -21,6 +21,7 @@ from typing import Any, cast
 import pytest
 
 from klaviyo_bridge import daemon as daemon_module
+from klaviyo_bridge import whiplash as whiplash_module
 from klaviyo_bridge.config import Settings, load_config
 from klaviyo_bridge.daemon import CustomerWorker, Daemon, Watchdog, WorkerPool, effective_settings, plan_reload
 from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo, serve_klaviyo
@@ -249,7 +250,7 @@ async def live(
     tmp_path: Path, notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Live]:
     """Run the daemon with a 0.2 s watchdog and a stall window of 2 × 1 s + 3 × 0.1 s (no retry budget)."""
-    monkeypatch.setattr(daemon_module, "WHIPLASH_RETRY_BUDGET_S", 0.0)
+    monkeypatch.setattr(whiplash_module, "RETRY_BUDGET_S", 0.0)
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     whiplash = FakeWhiplash(WL_ID, WL_SECRET)
     whiplash.create_order(CID, status=300, at=datetime.now(UTC) - timedelta(minutes=5))

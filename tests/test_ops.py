@@ -30,9 +30,9 @@ from klaviyo_bridge.ops import (
     token_conflict,
 )
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash
-from klaviyo_bridge.store import Store, TokenRecord
-from klaviyo_bridge.sync import build_whiplash_client, sync_window
-from klaviyo_bridge.whiplash import fingerprint
+from klaviyo_bridge.store import Store
+from klaviyo_bridge.sync import sync_window
+from klaviyo_bridge.whiplash import TokenRecord, WhiplashClient, fingerprint
 
 CLIENT_ID = "ops-test-client"
 WHIPLASH_SECRET = "ops-test-whiplash-secret"
@@ -275,7 +275,7 @@ async def daemon_poll(settings: Settings, session: aiohttp.ClientSession) -> Non
     customer = settings.customers[0]
     start = datetime.combine(customer.launch_date - timedelta(days=customer.backfill_days), datetime.min.time(), UTC)
     async with await Store.open(settings.bridge.state_path) as store:
-        client = build_whiplash_client(settings.whiplash, session, store)
+        client = WhiplashClient.from_settings(settings.whiplash, session, store)
         stats = await sync_window(client, store, settings.rules_for(customer), start, move_cursor=True, clock=utcnow)
         assert stats.queued > 0
         for row in await store.due_rows(A, utcnow() + timedelta(seconds=1), 1000):

@@ -23,10 +23,10 @@ from klaviyo_bridge.errors import (
     RateLimited,
     TransientUpstream,
 )
-from klaviyo_bridge.store import TokenRecord
 from klaviyo_bridge.whiplash import (
     Page,
     TokenManager,
+    TokenRecord,
     WhiplashAuth,
     WhiplashClient,
     error_detail,
