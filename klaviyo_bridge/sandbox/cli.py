@@ -44,13 +44,36 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                         help="write a bridge config for the sandbox to PATH (state DB beside it)")
     parser.add_argument("--no-spec", action="store_true",
                         help="check Klaviyo bodies by hand rules instead of the OpenAPI spec")
+    parser.add_argument("--whiplash-rate-limit-per-s", type=_positive_int, metavar="N",
+                        help="Whiplash answers 429 past N requests in a second, all customers together "
+                             "(default: unlimited)")
+    parser.add_argument("--whiplash-response-ms", type=_milliseconds, default=0.0, metavar="MS",
+                        help="every Whiplash orders request takes MS milliseconds (default 0)")
     parser.set_defaults(handler=cmd_sandbox)
+
+
+def _positive_int(raw: str) -> int:
+    """Parse a count of at least 1."""
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _milliseconds(raw: str) -> float:
+    """Parse a duration of 0 ms or more."""
+    value = float(raw)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     """Serve the sandbox until SIGTERM/SIGINT."""
     customers = demo_customers(datetime.now(UTC).date())
     sandbox = build_sandbox(customers, spec_path=None if args.no_spec else "auto")
+    sandbox.whiplash.rate_limit_per_s = args.whiplash_rate_limit_per_s
+    sandbox.whiplash.response_ms = args.whiplash_response_ms
     asyncio.run(serve_until_stopped(sandbox, args.host, args.port, args.tick, args.write_config))
     return 0
 

@@ -1,8 +1,9 @@
 """Stateful simulated Whiplash v2 API (aiohttp.web) for integration tests, the demo and benchmarks.
 
 It models the real service as described in the Whiplash fact sheet (OAuth token endpoint, ``/api/v2/orders``
-with Ransack-style ``search``, ``sort`` and page paging, ``X-CUSTOMER-ID``), independently of our client.
-Tests drive it in-process (``FakeWhiplash`` methods, ``OrderScript``) or over HTTP (``/__sim/`` control API).
+with Ransack-style ``search``, ``sort`` and page paging, ``X-CUSTOMER-ID``, the application's request
+budget), independently of our client. Tests drive it in-process (``FakeWhiplash`` methods, ``OrderScript``) or
+over HTTP (``/__sim/`` control API).
 
 Invariants:
 - Every stored timestamp is an aware UTC datetime truncated to whole seconds, because Whiplash stores
@@ -14,7 +15,14 @@ Invariants:
   (Doorkeeper's ``refresh_token_revoked_on_use``) the presented row is revoked only when the access token
   issued in exchange is first used, so a client that died before storing the new tokens can refresh again.
 - Injected faults are one-shot and taken first-in-first-out by the next request whose path matches.
-- The ``/__sim/`` control API needs no token, is never faulted and is not counted.
+- Rate limit: the budget is the OAuth application's, one for every customer, as Whiplash's own client
+  throttles it. Every request outside ``/__sim/`` counts (token requests and unknown paths too), in fixed
+  1-second windows starting at whole seconds of the sim's monotonic clock, before faults and auth: past
+  ``rate_limit_per_s`` a request gets 429, ``Retry-After`` and ``{"message": "Rate limit exceeded"}`` at
+  once, does no work and takes no fault. Each window's admitted count is kept whether or not a limit is set.
+- ``response_ms``: an orders request (list, one order, count) that passed auth reads the state when it
+  arrives and answers ``response_ms`` later without blocking the loop, so concurrent requests overlap.
+- The ``/__sim/`` control API needs no token, is never faulted, rate limited or counted.
 - Every token the endpoint issues (each access token, then its refresh token) is remembered in order, so a
   test can scan a client's output for all of them (``issued_tokens()``, ``GET /__sim/tokens``).
 - Secrets never appear in logs (the access log has no query strings) or in ``/__sim/state``; only short
@@ -33,6 +41,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import operator
 import random
 import secrets
@@ -769,7 +778,7 @@ async def _dropped(request: web.Request, response: web.StreamResponse) -> web.St
 class RequestRecord:
     """One request the sim answered (Authorization and Cookie headers are never kept)."""
 
-    at: float  # time.monotonic()
+    at: float  # the sim's monotonic clock (time.monotonic() unless injected)
     method: str
     path: str
     query: Mapping[str, str]
@@ -785,6 +794,7 @@ class SimCounters:
     statuses: Counter[int] = field(default_factory=Counter)
     token_requests: Counter[str] = field(default_factory=Counter)  # by grant_type
     pages_served: int = 0
+    throttled: int = 0  # 429s of the rate limit itself (rate_limited also counts injected 429 faults)
     ignored_search_keys: Counter[str] = field(default_factory=Counter)
     log: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=10_000))
 
@@ -803,12 +813,54 @@ class SimCounters:
         return {
             "requests": dict(self.requests), "statuses": {str(k): v for k, v in self.statuses.items()},
             "token_requests": dict(self.token_requests), "pages_served": self.pages_served,
-            "unauthorized": self.unauthorized, "rate_limited": self.rate_limited,
+            "unauthorized": self.unauthorized, "rate_limited": self.rate_limited, "throttled": self.throttled,
             "ignored_search_keys": dict(self.ignored_search_keys),
         }
 
 
 _HIDDEN_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+# -------------------------------------------------------------------------------------- rate limit
+
+
+class WindowLimit:
+    """The application's request budget: fixed 1-second windows starting at whole seconds of a clock.
+
+    Each window keeps how many requests it admitted (the newest ``keep`` windows), limit or not, so tests and
+    benchmarks can check "no second over N" from the simulator's own record.
+    """
+
+    def __init__(self, per_s: int | None = None, *, keep: int = 10_000) -> None:
+        self.per_s = per_s
+        self._keep = keep
+        self._admitted: dict[int, int] = {}
+
+    @property
+    def per_s(self) -> int | None:
+        """Return the limit (None: no limit)."""
+        return self._per_s
+
+    @per_s.setter
+    def per_s(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ValueError("rate_limit_per_s must be a positive integer or None")
+        self._per_s = value
+
+    def admit(self, now: float) -> int | None:
+        """Count a request arriving at ``now``: None when admitted, else the Retry-After in whole seconds."""
+        start = math.floor(now)
+        used = self._admitted.get(start, 0)
+        if self._per_s is not None and used >= self._per_s:
+            return max(1, math.ceil(start + 1 - now))
+        self._admitted[start] = used + 1
+        if len(self._admitted) > self._keep:
+            del self._admitted[next(iter(self._admitted))]  # windows arrive in order: the first is the oldest
+        return None
+
+    def counts(self) -> dict[int, int]:
+        """Return {window start: admitted requests}, oldest first."""
+        return dict(self._admitted)
 
 
 # ------------------------------------------------------------------------------------------- fake
@@ -831,9 +883,13 @@ class FakeWhiplash:
         token_ttl: int = 7200, scope: str = "user_read", clock: Clock = utc_now,
         wall: Callable[[], float] = time.time, seed: int = 0, max_per_page: int = MAX_PER_PAGE,
         order_level_tracking: bool = True, invalid_grant_status: int = 401, first_order_id: int = 7_000_001,
-        refresh_revoked_on_use: bool = False,
+        refresh_revoked_on_use: bool = False, rate_limit_per_s: int | None = None, response_ms: float = 0.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.counters = SimCounters()
+        self._monotonic = monotonic
+        self._limit = WindowLimit(rate_limit_per_s)
+        self.response_ms = response_ms
         self.oauth = SimOAuth(client_id, client_secret, refresh_token=refresh_token, token_ttl=token_ttl,
                               scope=scope, wall=wall, counts=self.counters.token_requests,
                               invalid_grant_status=invalid_grant_status, revoked_on_use=refresh_revoked_on_use)
@@ -886,6 +942,32 @@ class FakeWhiplash:
     def add_customer(self, customer_id: int, *, visible: bool = True) -> None:
         """Register a merchant; an invisible one answers 403 to X-CUSTOMER-ID and hides its orders."""
         self._customers[customer_id] = visible
+
+    # -- budget and speed -----------------------------------------------------------------------
+
+    @property
+    def rate_limit_per_s(self) -> int | None:
+        """Return the application's requests-per-second budget (None: unlimited)."""
+        return self._limit.per_s
+
+    @rate_limit_per_s.setter
+    def rate_limit_per_s(self, value: int | None) -> None:
+        self._limit.per_s = value
+
+    @property
+    def response_ms(self) -> float:
+        """Return how long every orders request takes to answer, in milliseconds."""
+        return self._response_ms
+
+    @response_ms.setter
+    def response_ms(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("response_ms must be 0 or more")
+        self._response_ms = float(value)
+
+    def window_counts(self) -> dict[int, int]:
+        """Return {window start (whole seconds of the sim's monotonic clock): requests admitted in it}."""
+        return self._limit.counts()
 
     def create_order(
         self, customer_id: int, *, status: int = 100, at: datetime | None = None,
@@ -1009,6 +1091,8 @@ class FakeWhiplash:
             "pending_faults": [dataclasses.asdict(f) for f in self._faults],
             "refresh_token_fingerprint": fingerprint(self.current_refresh_token),
             "refresh_rotations": self.oauth.rotations, "counters": self.counters.as_json(),
+            "rate_limit_per_s": self.rate_limit_per_s, "response_ms": self.response_ms,
+            "busiest_window": max(self._limit.counts().values(), default=0),
         }
 
     # -- internals ------------------------------------------------------------------------------
@@ -1103,11 +1187,22 @@ class FakeWhiplash:
         app.router.add_post("/oauth/token", self._handle_token)
         app.router.add_get("/api/v2/me", self._handle_me)
         app.router.add_get("/api/v2/customers", self._handle_customers)
-        app.router.add_get("/api/v2/orders", self._handle_orders)
-        app.router.add_get("/api/v2/orders/count", self._handle_count)
-        app.router.add_get(r"/api/v2/orders/{order_id:\d+}", self._handle_order)
+        app.router.add_get("/api/v2/orders", self._slowed(self._handle_orders))
+        app.router.add_get("/api/v2/orders/count", self._slowed(self._handle_count))
+        app.router.add_get(r"/api/v2/orders/{order_id:\d+}", self._slowed(self._handle_order))
         _add_control_routes(app, self)
         return app
+
+    def _slowed(self, handler: Handler) -> Handler:
+        """Wrap an orders handler: the state is read on arrival, the answer leaves ``response_ms`` later."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            response = await _call(handler, request)
+            if self._response_ms > 0:
+                await asyncio.sleep(self._response_ms / 1000)
+            return response
+
+        return handle
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -1117,7 +1212,7 @@ class FakeWhiplash:
         self.counters.requests[request.path] += 1
         status = 500
         try:
-            response = await self._faulted(request, handler)
+            response = await self._limited(request, handler)
             status = response.status
             return response
         except web.HTTPException as exc:
@@ -1128,6 +1223,15 @@ class FakeWhiplash:
             raise
         finally:
             self._record(request, status)
+
+    async def _limited(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse a request over the application's budget before it costs anything; serve the rest."""
+        retry_after = self._limit.admit(self._monotonic())
+        if retry_after is None:
+            return await self._faulted(request, handler)
+        self.counters.throttled += 1
+        log.debug("sim rate limit path=%s retry_after=%s", request.path, retry_after)
+        return _fail_response(Fault("fail", status=429, retry_after=retry_after))
 
     async def _faulted(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Apply the standing delay and any queued fault around the real handler."""
@@ -1156,7 +1260,7 @@ class FakeWhiplash:
         """Count the status and keep a redacted record of the request."""
         self.counters.statuses[status] += 1
         headers = {k.lower(): v for k, v in request.headers.items() if k.lower() not in _HIDDEN_HEADERS}
-        self.counters.log.append(RequestRecord(time.monotonic(), request.method, request.path,
+        self.counters.log.append(RequestRecord(self._monotonic(), request.method, request.path,
                                                dict(request.query), headers, status))
 
     async def _handle_token(self, request: web.Request) -> web.StreamResponse:
@@ -1369,7 +1473,12 @@ CONTROL_ROUTES: Final[tuple[ControlRoute, ...]] = (
     ControlRoute("POST", "/__sim/settings", "change modes; answers the new summary", {
         "bump_on_status_change": "bool (optional)", "delay_s": "float (optional): stall every /api/ request",
         "clear_faults": "bool (optional): drop queued faults and the standing delay",
+        "rate_limit_per_s": "int or null (optional): the application's budget, every request outside /__sim/ "
+                            "in fixed 1 s windows; past it 429 with Retry-After; null turns it off",
+        "response_ms": "float (optional): how long every orders request (list, one order, count) takes",
     }),
+    ControlRoute("GET", "/__sim/windows", "requests admitted per 1-second window of the sim's monotonic clock "
+                 "(window start -> count, kept with or without a limit), the limit and the 429s it answered"),
     ControlRoute("GET", "/__sim/tokens", "every token issued, in order (each access token, then its refresh "
                  "token), and the seeded refresh token: for tests that scan a client's output for secrets"),
     ControlRoute("POST", "/__sim/tokens/expire", "expire every access token now (refresh tokens stay valid)"),
@@ -1396,6 +1505,7 @@ def _add_control_routes(app: web.Application, fake: FakeWhiplash) -> None:
     app.router.add_patch(r"/__sim/orders/{order_id:\d+}", control.update_order)
     app.router.add_post("/__sim/faults", control.add_fault)
     app.router.add_post("/__sim/settings", control.settings)
+    app.router.add_get("/__sim/windows", control.windows)
     app.router.add_get("/__sim/tokens", control.tokens)
     app.router.add_post("/__sim/tokens/expire", control.expire_tokens)
     app.router.add_post("/__sim/script", control.start_script)
@@ -1517,15 +1627,18 @@ class _Control:
         return web.json_response({"queued": n, "pending": len(self._fake.pending_faults)}, status=201)
 
     async def settings(self, request: web.Request) -> web.StreamResponse:
-        """Change modes: ``{"bump_on_status_change": false, "delay_s": 0.5, "clear_faults": true}``."""
+        """Change modes: ``{"bump_on_status_change": false, "delay_s": 0.5, "rate_limit_per_s": 10, ...}``."""
         body = await _json_body(request)
         if body.get("clear_faults"):
             self._fake.clear_faults()
-        if "bump_on_status_change" in body:
-            self._fake.bump_on_status_change = bool(body["bump_on_status_change"])
-        if "delay_s" in body:
-            self._fake.set_delay(float(body["delay_s"]))
+        _apply(self._fake, _SETTINGS, body)
         return web.json_response(self._fake.state(), dumps=_dumps)
+
+    async def windows(self, request: web.Request) -> web.StreamResponse:
+        """Return the admitted requests per 1-second window."""
+        counts = {str(start): n for start, n in self._fake.window_counts().items()}
+        return web.json_response({"rate_limit_per_s": self._fake.rate_limit_per_s, "window_counts": counts,
+                                  "throttled": self._fake.counters.throttled})
 
     async def tokens(self, request: web.Request) -> web.StreamResponse:
         """Return every issued token (secrets, on purpose: leak-scanning tests need the values)."""
@@ -1555,6 +1668,37 @@ class _Control:
             script.spawn(int(body.get("spawn", 0)))
             changes += script.advance(int(body.get("steps", 1)), share=float(body.get("share", 0.5)))
         return web.json_response({"changes": [c.as_json() for c in changes]}, dumps=_dumps)
+
+
+def _set_rate_limit(fake: FakeWhiplash, raw: Any) -> None:
+    """Set or clear (null) the rate limit from control JSON."""
+    if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int)):
+        raise TypeError("rate_limit_per_s must be an integer or null")
+    fake.rate_limit_per_s = raw
+
+
+def _set_attr(name: str, cast: Callable[[Any], Any]) -> Callable[[Any, Any], None]:
+    """Return a setter of ``target.name = cast(value)`` for a control table."""
+    return lambda target, raw: setattr(target, name, cast(raw))
+
+
+_SETTINGS: Final[Mapping[str, Callable[[Any, Any], None]]] = {
+    "bump_on_status_change": _set_attr("bump_on_status_change", bool),
+    "delay_s": lambda fake, raw: fake.set_delay(float(raw)),
+    "rate_limit_per_s": _set_rate_limit,
+    "response_ms": _set_attr("response_ms", float),
+}
+
+
+def _apply(target: Any, table: Mapping[str, Callable[[Any, Any], None]], body: Mapping[str, Any]) -> None:
+    """Run the table's setter for each field present in a control body; 400 naming the first bad one."""
+    for name, setter in table.items():
+        if name not in body:
+            continue
+        try:
+            setter(target, body[name])
+        except (TypeError, ValueError) as exc:
+            raise _ApiError(400, {"message": f"{name}: {exc}"}) from exc
 
 
 def _required_int(body: Mapping[str, Any], name: str) -> int:
@@ -1837,13 +1981,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--orders", type=int, default=40, help="backfilled orders per customer")
     parser.add_argument("--days", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rate-limit-per-s", type=int, default=None, metavar="N",
+                        help="the application's request budget per second (default: unlimited)")
+    parser.add_argument("--response-ms", type=float, default=0.0, metavar="MS",
+                        help="how long every orders request takes (default 0)")
     return parser.parse_args(argv)
 
 
 def build_from_args(args: argparse.Namespace) -> FakeWhiplash:
     """Build a fake with a backfilled ``OrderScript`` per ``--customer``."""
     fake = FakeWhiplash(args.client_id, args.client_secret, refresh_token=args.refresh_token,
-                        token_ttl=args.token_ttl, seed=args.seed)
+                        token_ttl=args.token_ttl, seed=args.seed, rate_limit_per_s=args.rate_limit_per_s,
+                        response_ms=args.response_ms)
     for offset, customer_id in enumerate(args.customer):
         script = OrderScript(fake, customer_id, seed=args.seed + offset)
         fake.scripts[customer_id] = script
