@@ -1,9 +1,9 @@
 """Stateful simulated Whiplash v2 API (aiohttp.web) for integration tests, the demo and benchmarks.
 
 It models the real service as described in the Whiplash fact sheet (OAuth token endpoint, ``/api/v2/orders``
-with Ransack-style ``search``, ``sort`` and page paging, ``X-CUSTOMER-ID``, the application's request
-budget), independently of our client. Tests drive it in-process (``FakeWhiplash`` methods, ``OrderScript``) or
-over HTTP (``/__sim/`` control API).
+with Ransack-style ``search``, ``sort`` and page paging, ``X-CUSTOMER-ID``, the application's request budget,
+signed webhooks with their subscription API), independently of our client. Tests drive it in-process
+(``FakeWhiplash`` methods, ``OrderScript``) or over HTTP (``/__sim/`` control API).
 
 Invariants:
 - Every stored timestamp is an aware UTC datetime truncated to whole seconds, because Whiplash stores
@@ -22,6 +22,9 @@ Invariants:
   once, does no work and takes no fault. Each window's admitted count is kept whether or not a limit is set.
 - ``response_ms``: an orders request (list, one order, count) that passed auth reads the state when it
   arrives and answers ``response_ms`` later without blocking the loop, so concurrent requests overlap.
+- Every write of an order (``create_order``, ``set_status``, ``update_order``; ``OrderScript`` and the control
+  API call these) ends in ``_publish``, which queues the webhooks it raises without ever waiting for one;
+  see ``whiplash_webhooks`` for delivery, its controls and the no-retry assumption.
 - The ``/__sim/`` control API needs no token, is never faulted, rate limited or counted.
 - Every token the endpoint issues (each access token, then its refresh token) is remembered in order, so a
   test can scan a client's output for all of them (``issued_tokens()``, ``GET /__sim/tokens``).
@@ -64,6 +67,15 @@ from aiohttp.typedefs import Handler
 
 from klaviyo_bridge.sandbox._server import CLIENT_CLOSED, quiet_disconnects, serve_app
 from klaviyo_bridge.sandbox.control import ControlRoute, index_handler, index_route
+from klaviyo_bridge.sandbox.whiplash_webhooks import (
+    ORDER_CREATED,
+    ORDER_UPDATED,
+    NotificationApi,
+    Subscription,
+    WebhookDelivery,
+    WebhookHub,
+    status_events,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +87,7 @@ API_PREFIX: Final = "/api/"
 CONTROL_PREFIX: Final = "/__sim/"
 DEFAULT_PER_PAGE: Final = 50
 MAX_PER_PAGE: Final = 250
+USER_ID: Final = 4242  # the token's user (GET /api/v2/me), owner of subscriptions made without user_id
 
 STATUS_NAMES: Final[Mapping[int, str]] = MappingProxyType({
     30: "Shipped Externally", 35: "Quote", 40: "Cancelled", 45: "Closed by Originator", 50: "Unpaid",
@@ -796,6 +809,7 @@ class SimCounters:
     pages_served: int = 0
     throttled: int = 0  # 429s of the rate limit itself (rate_limited also counts injected 429 faults)
     ignored_search_keys: Counter[str] = field(default_factory=Counter)
+    webhooks: Counter[str] = field(default_factory=Counter)  # queued, sent, delivered, refused, errors, ...
     log: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=10_000))
 
     @property
@@ -814,7 +828,7 @@ class SimCounters:
             "requests": dict(self.requests), "statuses": {str(k): v for k, v in self.statuses.items()},
             "token_requests": dict(self.token_requests), "pages_served": self.pages_served,
             "unauthorized": self.unauthorized, "rate_limited": self.rate_limited, "throttled": self.throttled,
-            "ignored_search_keys": dict(self.ignored_search_keys),
+            "ignored_search_keys": dict(self.ignored_search_keys), "webhooks": dict(self.webhooks),
         }
 
 
@@ -908,6 +922,8 @@ class FakeWhiplash:
         self._delay_s = 0.0
         self._garbled: dict[int, tuple[JSONDict, frozenset[str]]] = {}
         self.scripts: dict[int, OrderScript] = {}
+        self.webhooks = WebhookHub(client_id, client_secret, customers=self._visible_customers,
+                                   monotonic=monotonic, counts=self.counters.webhooks, user_id=USER_ID)
 
     # -- state API ------------------------------------------------------------------------------
 
@@ -969,6 +985,31 @@ class FakeWhiplash:
         """Return {window start (whole seconds of the sim's monotonic clock): requests admitted in it}."""
         return self._limit.counts()
 
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def subscribe(
+        self, url: str, customer_id: int | None = None, events: Iterable[str] | None = None,
+    ) -> list[Subscription]:
+        """Subscribe ``url`` to webhooks without the OAuth dance: one subscription per event (default: all).
+
+        ``customer_id`` None means every customer the token's user can see. Controls: ``self.webhooks``.
+        """
+        return self.webhooks.subscribe(url, customer_id=customer_id, events=events)
+
+    @property
+    def webhook_deliveries(self) -> list[WebhookDelivery]:
+        """Return every recorded delivery attempt and dropped delivery, oldest first."""
+        return list(self.webhooks.deliveries)
+
+    def _visible_customers(self) -> frozenset[int]:
+        """Return the customers the token's user can see."""
+        return frozenset(c for c, visible in self._customers.items() if visible)
+
+    def _publish(self, order: SimOrder, events: Sequence[str]) -> None:
+        """Queue the webhooks a write raises; every write of an order ends here."""
+        if events:
+            self.webhooks.publish(order.id, order.customer_id, events, lambda: self.render(order))
+
     def create_order(
         self, customer_id: int, *, status: int = 100, at: datetime | None = None,
         items: Sequence[ItemSpec] | None = None, email: str | _Auto | None = AUTO,
@@ -987,6 +1028,7 @@ class FakeWhiplash:
         _assign(order, fields)
         self._orders[order.id] = order
         self._apply_status_effects(order, when)
+        self._publish(order, ORDER_CREATED)
         return render_order(order)
 
     def set_status(
@@ -1000,13 +1042,15 @@ class FakeWhiplash:
         _check_status(status)
         order = self._get(order_id)
         when = self._when(at)
-        order.previous_status, order.status = order.status, status
+        old = order.status
+        order.previous_status, order.status = old, status
         self._apply_status_effects(order, when)
         bump = self.bump_on_status_change if bump_updated_at is None else bump_updated_at
         if bump:
             order.updated_at = when
         log.debug("sim status order=%s status=%s previous=%s bumped=%s", order_id, status,
                   order.previous_status, bump)
+        self._publish(order, status_events(old, status, order.order_type))
         return render_order(order)
 
     def update_order(
@@ -1017,6 +1061,7 @@ class FakeWhiplash:
         _assign(order, fields)
         if bump_updated_at:
             order.updated_at = self._when(at)
+        self._publish(order, ORDER_UPDATED)
         return render_order(order)
 
     def order_json(self, order_id: int) -> JSONDict:
@@ -1092,7 +1137,7 @@ class FakeWhiplash:
             "refresh_token_fingerprint": fingerprint(self.current_refresh_token),
             "refresh_rotations": self.oauth.rotations, "counters": self.counters.as_json(),
             "rate_limit_per_s": self.rate_limit_per_s, "response_ms": self.response_ms,
-            "busiest_window": max(self._limit.counts().values(), default=0),
+            "busiest_window": max(self._limit.counts().values(), default=0), "webhooks": self.webhooks.summary(),
         }
 
     # -- internals ------------------------------------------------------------------------------
@@ -1190,6 +1235,8 @@ class FakeWhiplash:
         app.router.add_get("/api/v2/orders", self._slowed(self._handle_orders))
         app.router.add_get("/api/v2/orders/count", self._slowed(self._handle_count))
         app.router.add_get(r"/api/v2/orders/{order_id:\d+}", self._slowed(self._handle_order))
+        NotificationApi(self.webhooks).mount(app)
+        app.cleanup_ctx.append(self.webhooks.sender)
         _add_control_routes(app, self)
         return app
 
@@ -1276,7 +1323,7 @@ class FakeWhiplash:
     async def _handle_me(self, request: web.Request) -> web.StreamResponse:
         """Serve ``GET /api/v2/me``: the token's user and the customers it can reach."""
         visible = sorted(c for c, seen in self._customers.items() if seen)
-        return web.json_response({"id": 4242, "email": "integrations@3pl.example", "first_name": "Sim",
+        return web.json_response({"id": USER_ID, "email": "integrations@3pl.example", "first_name": "Sim",
                                   "last_name": "Operator", "role": "partner_admin", "partner_id": 17,
                                   "customer_ids": visible}, dumps=_dumps)
 
@@ -1479,6 +1526,24 @@ CONTROL_ROUTES: Final[tuple[ControlRoute, ...]] = (
     }),
     ControlRoute("GET", "/__sim/windows", "requests admitted per 1-second window of the sim's monotonic clock "
                  "(window start -> count, kept with or without a limit), the limit and the 429s it answered"),
+    ControlRoute("GET", "/__sim/webhooks", "subscriptions, queue, controls, counts and every recorded delivery "
+                 "(time, subscription, event, order, status or error; bodies left out)"),
+    ControlRoute("POST", "/__sim/webhooks", "change webhook delivery controls; answers the new summary", {
+        "drop": "int (optional): never send the next n deliveries (recorded as dropped)",
+        "forge": "int (optional): sign the next n deliveries with a wrong key",
+        "reorder": "int (optional): hold the next n deliveries, send them newest first once all n are queued; "
+                   "0 releases a partial group",
+        "delay_s": "float (optional): send each delivery queued from now on no sooner than this after its change",
+        "duplicate": "bool (optional): send every delivery twice",
+        "paused": "bool (optional): true holds every delivery, false sends the backlog",
+        "timeout_s": "float (optional): how long one POST may take before it is recorded as an error",
+    }),
+    ControlRoute("POST", "/__sim/webhooks/subscriptions", "subscribe a URL without a token, one subscription per "
+                 "event", {
+        "url": "string (required): an http(s) URL",
+        "customer_id": "int (optional): only this customer's orders; default every visible customer's",
+        "events": "list (optional): event names, e.g. [\"order.shipped\"]; default every event of the catalogue",
+    }),
     ControlRoute("GET", "/__sim/tokens", "every token issued, in order (each access token, then its refresh "
                  "token), and the seeded refresh token: for tests that scan a client's output for secrets"),
     ControlRoute("POST", "/__sim/tokens/expire", "expire every access token now (refresh tokens stay valid)"),
@@ -1506,6 +1571,9 @@ def _add_control_routes(app: web.Application, fake: FakeWhiplash) -> None:
     app.router.add_post("/__sim/faults", control.add_fault)
     app.router.add_post("/__sim/settings", control.settings)
     app.router.add_get("/__sim/windows", control.windows)
+    app.router.add_get("/__sim/webhooks", control.webhooks)
+    app.router.add_post("/__sim/webhooks", control.webhook_controls)
+    app.router.add_post("/__sim/webhooks/subscriptions", control.subscribe)
     app.router.add_get("/__sim/tokens", control.tokens)
     app.router.add_post("/__sim/tokens/expire", control.expire_tokens)
     app.router.add_post("/__sim/script", control.start_script)
@@ -1640,6 +1708,30 @@ class _Control:
         return web.json_response({"rate_limit_per_s": self._fake.rate_limit_per_s, "window_counts": counts,
                                   "throttled": self._fake.counters.throttled})
 
+    async def webhooks(self, request: web.Request) -> web.StreamResponse:
+        """Return the webhook summary and every recorded delivery (without bodies)."""
+        hub = self._fake.webhooks
+        records = [d.as_json() for d in hub.deliveries]
+        return web.json_response({**hub.summary(), "deliveries": records}, dumps=_dumps)
+
+    async def webhook_controls(self, request: web.Request) -> web.StreamResponse:
+        """Change delivery controls: ``{"drop": 2, "delay_s": 1.5, "paused": true, ...}``."""
+        _apply(self._fake.webhooks, _WEBHOOK_CONTROLS, await _json_body(request))
+        return web.json_response(self._fake.webhooks.summary(), dumps=_dumps)
+
+    async def subscribe(self, request: web.Request) -> web.StreamResponse:
+        """Subscribe a URL: ``{"url": "http://127.0.0.1:8787/hook", "customer_id": 7, "events": [...]}``."""
+        body = await _json_body(request)
+        customer = body.get("customer_id")
+        if not isinstance(body.get("events", []), list):
+            raise _ApiError(400, {"message": "events must be a list of event names"})
+        try:
+            created = self._fake.subscribe(str(body.get("url", "")), None if customer is None else int(customer),
+                                           body.get("events"))
+        except (TypeError, ValueError) as exc:
+            raise _ApiError(400, {"message": str(exc)}) from exc
+        return web.json_response([s.as_json() for s in created], status=201, dumps=_dumps)
+
     async def tokens(self, request: web.Request) -> web.StreamResponse:
         """Return every issued token (secrets, on purpose: leak-scanning tests need the values)."""
         oauth = self._fake.oauth
@@ -1682,11 +1774,35 @@ def _set_attr(name: str, cast: Callable[[Any], Any]) -> Callable[[Any, Any], Non
     return lambda target, raw: setattr(target, name, cast(raw))
 
 
+def _seconds(raw: Any) -> float:
+    """Read a duration in seconds (0 or more)."""
+    value = float(raw)
+    if not value >= 0:  # also refuses NaN
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _strict_bool(raw: Any) -> bool:
+    """Accept only a JSON boolean, so "false" cannot switch something on."""
+    if not isinstance(raw, bool):
+        raise TypeError("expected true or false")
+    return raw
+
+
 _SETTINGS: Final[Mapping[str, Callable[[Any, Any], None]]] = {
     "bump_on_status_change": _set_attr("bump_on_status_change", bool),
     "delay_s": lambda fake, raw: fake.set_delay(float(raw)),
     "rate_limit_per_s": _set_rate_limit,
     "response_ms": _set_attr("response_ms", float),
+}
+_WEBHOOK_CONTROLS: Final[Mapping[str, Callable[[Any, Any], None]]] = {
+    "drop": lambda hub, raw: hub.drop_next(int(raw)),
+    "forge": lambda hub, raw: hub.forge_next(int(raw)),
+    "reorder": lambda hub, raw: hub.reorder_next(int(raw)),
+    "delay_s": _set_attr("delay_s", _seconds),
+    "duplicate": _set_attr("duplicate", _strict_bool),
+    "paused": lambda hub, raw: hub.pause() if _strict_bool(raw) else hub.resume(),
+    "timeout_s": _set_attr("timeout_s", _seconds),
 }
 
 
