@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -37,14 +38,11 @@ from pydantic import SecretStr
 from yarl import URL
 
 from klaviyo_bridge.errors import (
-    AuthFailed,
     MalformedPayload,
-    PermanentUpstream,
-    RateLimited,
     TransientUpstream,
     UpstreamError,
 )
-from klaviyo_bridge.http import body_reason, one_line
+from klaviyo_bridge.http import Reply, body_reason, error_for, exchange, one_line, retry_after
 from klaviyo_bridge.ratelimit import AccountLimiter, Endpoint
 
 log = logging.getLogger(__name__)
@@ -53,10 +51,8 @@ SERVICE = "klaviyo"
 JSON_API = "application/vnd.api+json"
 MAX_LIST_BATCH = 1000  # add_profiles_to_list accepts at most 1000 profiles per call
 BODY_EXCERPT = 4000
-TRANSIENT_STATUSES = frozenset({500, 502, 503, 504, 524})
 # A single backoff wait never exceeds this many backoff_base units.
 _MAX_WAIT_UNITS = 30.0
-_DETAIL_EXCERPT = 300
 _AVAILABLE_IN = re.compile(r"available in (\d+(?:\.\d+)?) seconds?", re.IGNORECASE)
 _OPTIONAL_EVENT_KEYS = ("time", "value", "value_currency", "unique_id", "backfill")
 MAX_BULK_EVENTS = 1000  # events per event-bulk-create-jobs request
@@ -184,38 +180,22 @@ def error_detail(text: str) -> str:
         return body_reason(text)
 
 
-def retry_after(headers: Mapping[str, str], detail: str) -> float | None:
-    """Return the server's wait hint: Retry-After seconds, else 'available in N seconds', else None."""
-    raw = headers.get("Retry-After")
-    if raw is not None:
-        try:
-            seconds = float(raw)
-        except ValueError:
-            seconds = -1.0  # an HTTP-date hint; fall through to the body
-        if seconds >= 0:
-            return seconds
-    match = _AVAILABLE_IN.search(detail)
-    return float(match.group(1)) if match else None
+def wait_hint(status: int, headers: Mapping[str, str], detail: str, now: float) -> float | None:
+    """Return the server's wait hint: Retry-After (seconds or a date), else a 429's 'available in N seconds'."""
+    hint = retry_after(headers.get("Retry-After"), now)
+    if hint is None and status == 429:
+        match = _AVAILABLE_IN.search(detail)
+        hint = float(match.group(1)) if match else None
+    return hint
 
 
-def response_error(status: int, headers: Mapping[str, str], text: str) -> UpstreamError | None:
-    """Map an HTTP response to the bridge's error tree; None for 2xx."""
-    if 200 <= status < 300:
-        return None
+def response_error(
+    status: int, headers: Mapping[str, str], text: str, now: float | None = None
+) -> UpstreamError | None:
+    """Map an HTTP response to the bridge's error tree (the shared table); None for 2xx."""
     detail = error_detail(text)
-    if status == 429:
-        return RateLimited(SERVICE, status, detail, retry_after(headers, detail))
-    if status in TRANSIENT_STATUSES or (status >= 500 and status not in (501, 505)):
-        # Unlisted 5xx (e.g. CDN 520-523) are gateway hiccups too; 501/505 say "never", so park them.
-        return TransientUpstream(SERVICE, status, detail, retry_after(headers, ""))
-    if status in (401, 403):
-        return AuthFailed(SERVICE, status, detail)
-    return PermanentUpstream(SERVICE, status, detail, body=text[:BODY_EXCERPT])
-
-
-def transport_error(exc: BaseException) -> TransientUpstream:
-    """Map a network failure or timeout (no HTTP status) to a retryable error."""
-    return TransientUpstream(SERVICE, None, f"{type(exc).__name__}: {exc}".rstrip(": ")[:_DETAIL_EXCERPT])
+    wait = wait_hint(status, headers, detail, time.time() if now is None else now)
+    return error_for(SERVICE, Reply(status, headers, text), detail, wait=wait, body=text[:BODY_EXCERPT])
 
 
 def _document(status: int, text: str) -> dict[str, Any]:
@@ -366,14 +346,6 @@ class _Request:
     params: Mapping[str, str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    """The parts of a successful response the callers read."""
-
-    status: int
-    text: str
-
-
 class KlaviyoClient:
     """Talk to one merchant's Klaviyo account with its private key, paced by that account's limiter."""
 
@@ -520,7 +492,7 @@ class KlaviyoClient:
         resource = _document(reply.status, reply.text).get("data")
         return _resource_id(reply.status, resource)
 
-    async def _request(self, request: _Request) -> _Reply:
+    async def _request(self, request: _Request) -> Reply:
         """Send ``request``, retrying transient failures with full-jitter exponential backoff."""
         # A server wait hint (Retry-After) is not handled here: _attempt turns it into a limiter penalty,
         # an absolute deadline for the whole endpoint of this account that every caller's acquire()
@@ -549,35 +521,26 @@ class KlaviyoClient:
         hint = getattr(exc, "retry_after", None)
         return hint is not None and hint > self._max_time
 
-    async def _attempt(self, request: _Request) -> _Reply:
+    async def _attempt(self, request: _Request) -> Reply:
         """Make one paced HTTP attempt and classify its outcome."""
         await self._limiter.acquire(request.endpoint)
-        try:
-            async with self._session.request(
-                request.method,
-                self._base_url + request.path,
-                params=request.params,
-                data=request.body,
-                headers=self._headers(write=request.body is not None),
-                timeout=self._timeout,
-                allow_redirects=False,  # a redirect must never carry the key anywhere else
-            ) as response:
-                raw = await response.read()
-                status, headers = response.status, response.headers
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise transport_error(exc) from exc
-        text = raw.decode("utf-8", errors="replace")
-        self._learn(request.endpoint, status, headers, text)
-        return _Reply(status, text)
+        reply = await exchange(
+            self._session, SERVICE, request.method, self._base_url + request.path,
+            params=request.params, data=request.body, headers=self._headers(write=request.body is not None),
+            timeout=self._timeout,
+            allow_redirects=False,  # a redirect must never carry the key anywhere else
+        )
+        self._learn(request.endpoint, reply)
+        return reply
 
-    def _learn(self, endpoint: Endpoint, status: int, headers: Mapping[str, str], text: str) -> None:
+    def _learn(self, endpoint: Endpoint, reply: Reply) -> None:
         """Feed the response to the limiter, then raise its mapped error if it is one."""
-        if status != 429:
+        if reply.status != 429:
             # 429s carry no RateLimit-* headers; their hint becomes a penalty below.
-            self._limiter.observe(endpoint, headers)
+            self._limiter.observe(endpoint, reply.headers)
         elif self._on_throttled is not None:
             self._on_throttled()
-        error = response_error(status, headers, text)
+        error = response_error(reply.status, reply.headers, reply.text)
         if error is None:
             return
         if isinstance(error, TransientUpstream) and error.retry_after is not None:

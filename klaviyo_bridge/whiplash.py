@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ import time
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import aiohttp
 import backoff
@@ -39,11 +38,9 @@ from klaviyo_bridge.errors import (
     ConfigError,
     MalformedOrder,
     MalformedPayload,
-    PermanentUpstream,
-    RateLimited,
     TransientUpstream,
 )
-from klaviyo_bridge.http import body_reason
+from klaviyo_bridge.http import Reply, body_reason, error_for, exchange, one_line, retry_after, scrub
 from klaviyo_bridge.orders import Order, order_key, parse_order
 
 log = logging.getLogger(__name__)
@@ -101,28 +98,12 @@ class Page:
     safe_key: Key | None  # key of the last good order before the first malformed one
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    retry_after: str | None
-    text: str
-
-
 # --- response interpretation -------------------------------------------------------------------------
-
-
-def _redact(text: str, secrets: Sequence[str]) -> str:
-    """Return ``text`` with every known secret replaced, so echoed credentials cannot leak."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return text
 
 
 def _excerpt(text: str, secrets: Sequence[str] = ()) -> str:
     """Return a one-line, redacted excerpt of at most EXCERPT_CHARS characters."""
-    flat = " ".join(_redact(text, secrets).split())
-    return flat if len(flat) <= EXCERPT_CHARS else flat[: EXCERPT_CHARS - 1] + "…"
+    return one_line(scrub(text, secrets), EXCERPT_CHARS)
 
 
 def _errors_text(errors: object) -> str:
@@ -158,44 +139,15 @@ def error_detail(text: str, secrets: Sequence[str] = ()) -> str:
     return _excerpt(detail if detail is not None else body_reason(text), secrets) or "(empty body)"
 
 
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Return the wait a Retry-After header asks for (delta-seconds or HTTP-date), or None."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
+def _raise_for_status(reply: Reply, secrets: Sequence[str], now: float) -> None:
+    """Translate a non-2xx reply into the error tree (the shared table); return quietly on success."""
+    error = error_for(SERVICE, reply, error_detail(reply.text, secrets),
+                      wait=retry_after(reply.headers.get("Retry-After"), now))
+    if error is not None:
+        raise error
 
 
-def _is_transient(status: int) -> bool:
-    """Return True for statuses where the same request may succeed later (501 never will)."""
-    return status in (408, 429) or (status >= 500 and status != 501)
-
-
-def _raise_for_status(reply: _Reply, secrets: Sequence[str], now: float) -> None:
-    """Translate a non-2xx reply into the error tree; return quietly on success."""
-    if 200 <= reply.status < 300:
-        return
-    detail = error_detail(reply.text, secrets)
-    if reply.status in (401, 403):
-        raise AuthFailed(SERVICE, reply.status, detail)
-    if _is_transient(reply.status):
-        wait = parse_retry_after(reply.retry_after, now)
-        cls = RateLimited if reply.status == 429 else TransientUpstream
-        raise cls(SERVICE, reply.status, detail, retry_after=wait)
-    raise PermanentUpstream(SERVICE, reply.status, detail, body=detail)
-
-
-def _json_body(reply: _Reply, secrets: Sequence[str]) -> object:
+def _json_body(reply: Reply, secrets: Sequence[str]) -> object:
     """Decode a 2xx body as JSON; HTML, truncated or empty bodies raise MalformedPayload.
 
     The message describes the body without quoting it: a cut-off page of orders starts with shoppers' data.
@@ -205,21 +157,6 @@ def _json_body(reply: _Reply, secrets: Sequence[str]) -> object:
     except ValueError as exc:
         reason = _excerpt(body_reason(reply.text), secrets)
         raise MalformedPayload(SERVICE, reply.status, f"not JSON: {reason}") from exc
-
-
-async def _exchange(
-    session: aiohttp.ClientSession, method: str, url: str, secrets: Sequence[str], **kwargs: Any
-) -> _Reply:
-    """Send one request and read the whole body; network failures and timeouts become TransientUpstream."""
-    try:
-        async with session.request(method, url, **kwargs) as resp:
-            raw = await resp.read()
-            return _Reply(resp.status, resp.headers.get("Retry-After"), raw.decode("utf-8", "replace"))
-    except aiohttp.ClientError as exc:
-        detail = _excerpt(f"{type(exc).__name__}: {exc}", secrets)
-        raise TransientUpstream(SERVICE, None, detail) from exc
-    except TimeoutError as exc:
-        raise TransientUpstream(SERVICE, None, "request timed out") from exc
 
 
 # --- tokens ------------------------------------------------------------------------------------------
@@ -327,7 +264,8 @@ class TokenManager:
         body, spent = self._grant_body(prev)
         secrets = (*self.secrets(), *(v for k, v in body.items() if k in ("client_secret", "refresh_token")))
         url = f"{self._auth.base_url}/oauth/token"
-        reply = await _exchange(self._session, "POST", url, secrets, json=body, timeout=self._timeout)
+        reply = await exchange(self._session, SERVICE, "POST", url, secrets=secrets, json=body,
+                               timeout=self._timeout)
         if reply.status in (400, 401):
             raise AuthFailed(SERVICE, reply.status, f"token endpoint: {error_detail(reply.text, secrets)}")
         _raise_for_status(reply, secrets, self._clock())
@@ -606,7 +544,7 @@ class WhiplashClient:
             raise MalformedPayload(SERVICE, reply.status, f"expected a JSON array, got a JSON {type(data).__name__}")
         return data
 
-    async def _send(self, token: str, customer_id: int, params: Mapping[str, str]) -> _Reply:
+    async def _send(self, token: str, customer_id: int, params: Mapping[str, str]) -> Reply:
         """GET the orders URL as ``customer_id`` with ``token``."""
         headers = {
             "Authorization": f"Bearer {token}",
@@ -615,7 +553,8 @@ class WhiplashClient:
             "Accept-Version": "v2",
         }
         secrets = (token, *self._tokens.secrets())
-        return await _exchange(
-            self._session, "GET", self._url, secrets, params=params, headers=headers, timeout=self._timeout
+        return await exchange(
+            self._session, SERVICE, "GET", self._url, secrets=secrets, params=params, headers=headers,
+            timeout=self._timeout,
         )
 

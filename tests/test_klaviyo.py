@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,13 +160,15 @@ def test_encode_is_deterministic_and_compact() -> None:
         ("Request was throttled. Expected available in 3 seconds.", {}, 3.0),
         ("Request was throttled. Expected available in 3 seconds.", {"Retry-After": "7"}, 7.0),
         ("Request was throttled.", {}, None),
-        ("Request was throttled.", {"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}, None),
+        ("Request was throttled.", {"Retry-After": "Wed, 21 Oct 2026 07:28:30 GMT"}, 30.0),  # an HTTP date
+        ("Request was throttled. Expected available in 3 seconds.", {"Retry-After": "soon"}, 3.0),
     ],
 )
 def test_429_retry_after_comes_from_header_then_body(
     detail: str, headers: dict[str, str], expected: float | None
 ) -> None:
-    error = response_error(429, headers, errors_body(429, "throttled", detail))
+    now = datetime(2026, 10, 21, 7, 28, tzinfo=UTC).timestamp()
+    error = response_error(429, headers, errors_body(429, "throttled", detail), now=now)
 
     assert isinstance(error, RateLimited)
     assert error.retry_after == expected
@@ -181,7 +184,7 @@ def test_429_retry_after_comes_from_header_then_body(
         (400, PermanentUpstream), (404, PermanentUpstream), (405, PermanentUpstream),
         (409, PermanentUpstream), (410, PermanentUpstream), (413, PermanentUpstream),
         (415, PermanentUpstream), (422, PermanentUpstream), (418, PermanentUpstream),
-        (501, PermanentUpstream),
+        (501, PermanentUpstream), (505, PermanentUpstream), (408, TransientUpstream), (520, TransientUpstream),
     ],
 )
 def test_status_mapping(status: int, kind: type[UpstreamError] | None) -> None:

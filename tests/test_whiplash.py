@@ -31,7 +31,6 @@ from klaviyo_bridge.whiplash import (
     WhiplashClient,
     error_detail,
     fingerprint,
-    parse_retry_after,
 )
 
 BASE = "http://whiplash.test"
@@ -478,14 +477,6 @@ async def test_retry_after_beyond_budget_gives_up_with_hint(
     assert info.value.retry_after == 3600
     assert sleeps == []
     assert serve.requests == []
-
-
-def test_retry_after_http_date_and_garbage() -> None:
-    now = datetime(2015, 10, 21, 7, 27, 30, tzinfo=UTC).timestamp()
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now) == 30.0
-    assert parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now) == 0.0
-    assert parse_retry_after("soon", now) is None
-    assert parse_retry_after(None, now) is None
 
 
 async def test_exhausted_retries_raise_transient(
