@@ -37,14 +37,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
 from . import failpoints, logs
 from .aio import together
-from .clock import Monotonic, WallClock
+from .clock import WallClock
 from .core import EventKind, event_kind_of_key
 from .errors import AuthFailed, MalformedPayload, PermanentUpstream, TransientUpstream, UpstreamError
 from .health import UpstreamHealth
@@ -58,7 +58,7 @@ from .klaviyo import (
     KlaviyoClient,
     plan_chunks,
 )
-from .store import OutboxRow, Store
+from .store import OutboxRow, RowKind, Store
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ BULK_PROFILES_MIN = 100
 EVENT_FETCH = 5000  # due event rows read per round (5 bulk requests in flight at most)
 PROFILE_FETCH = 2 * MAX_BULK_PROFILES  # due profile rows read per round (2 import jobs in flight at most)
 BISECT_LEAF = 8  # a refused bulk chunk this small is sent row by row through the single endpoint
+CONCURRENCY = 16  # single requests in flight per customer (its own account's limiter paces them)
+SINGLES_BATCH = 200  # rows sent through single endpoints per round
 
 Parsed = tuple[OutboxRow, dict[str, Any]]
 T = TypeVar("T")
@@ -110,9 +112,14 @@ def row_ref(row: OutboxRow) -> str:
     return f"profile={logs.profile_ref(row.key)}" if row.kind == "profile" else f"key={row.key}"
 
 
-def is_backfill(payload: dict[str, Any]) -> bool:
+def is_history(payload: Mapping[str, Any]) -> bool:
     """Tell whether a stored event payload is history (recorded with ``backfill``, firing no flow)."""
     return payload.get("backfill") is True
+
+
+def parse_payloads(rows: Sequence[OutboxRow]) -> list[Parsed]:
+    """Pair each row with its payload, parsed once for whichever request carries it."""
+    return [(row, json.loads(row.payload)) for row in rows]
 
 
 def halves(items: Sequence[Parsed]) -> tuple[Sequence[Parsed], Sequence[Parsed]]:
@@ -131,33 +138,19 @@ class Deliverer:
         klaviyo: KlaviyoClient,
         *,
         clock: WallClock,
-        concurrency: int = 16,
-        batch: int = 200,
-        bulk_events_min: int = BULK_EVENTS_MIN,
-        bulk_profiles_min: int = BULK_PROFILES_MIN,
-        event_fetch: int = EVENT_FETCH,
-        profile_fetch: int = PROFILE_FETCH,
         health: UpstreamHealth | None = None,
         key_probe_seconds: float = 300.0,
-        monotonic: Monotonic = time.monotonic,
         events: frozenset[EventKind] = frozenset(EventKind),
     ) -> None:
         self.customer_id = customer_id
         self.store = store
         self.klaviyo = klaviyo
         self.clock = clock
-        self.concurrency = concurrency
-        self.batch = batch
-        self.bulk_events_min = bulk_events_min
-        self.bulk_profiles_min = bulk_profiles_min
-        self.event_fetch = event_fetch
-        self.profile_fetch = profile_fetch
         self.stats = DeliveryStats()
         self.key_refused = False
         self.health = health if health is not None else UpstreamHealth("klaviyo")
         self.key_probe_seconds = key_probe_seconds
         self.events = events  # the milestones this customer gets; a row announcing another is dropped, not sent
-        self._monotonic = monotonic
         # What the store says, once read: writes happen only when these change (None: not read yet).
         self._key_healthy: bool | None = None
         self._streak_on_record: bool | None = None
@@ -177,7 +170,7 @@ class Deliverer:
         attempted = 0
         try:
             while not self.key_refused:
-                rows = await self.store.due_rows(self.customer_id, self.clock(), self.profile_fetch, "profile")
+                rows = await self.store.due_rows(self.customer_id, self.clock(), PROFILE_FETCH, "profile")
                 if not rows:
                     break
                 await self.send_profiles(rows)
@@ -191,7 +184,7 @@ class Deliverer:
         """Send due event rows round by round (live ones once ``profiles_done`` is set)."""
         attempted = 0
         while not self.key_refused:
-            rows = await self.store.due_rows(self.customer_id, self.clock(), self.event_fetch, "event")
+            rows = await self.store.due_rows(self.customer_id, self.clock(), EVENT_FETCH, "event")
             if not rows:
                 break
             rows = await self._without_disabled(rows)
@@ -214,13 +207,13 @@ class Deliverer:
     async def send_profiles(self, rows: list[OutboxRow]) -> None:
         """Import profiles by job when there are many and the list is known, else one by one."""
         list_id = (await self.store.customer_state(self.customer_id)).list_id
-        if list_id is None or len(rows) < self.bulk_profiles_min:
+        parsed = parse_payloads(rows)
+        if list_id is None or len(rows) < BULK_PROFILES_MIN:
             # Without the list id a job could not add the profiles to it; single upserts record ids instead.
-            await self.send_singles(rows)
+            await self.send_singles(parsed)
             return
         sizes = [len(row.payload.encode()) + PROFILE_WRAPPER_BYTES for row in rows]
         chunks = plan_chunks(sizes, None, max_items=MAX_BULK_PROFILES)
-        parsed = [(row, json.loads(row.payload)) for row in rows]
         await together(*(self._import([parsed[i] for i in chunk], list_id) for chunk in chunks))
 
     async def send_events(self, rows: list[OutboxRow], profiles_done: asyncio.Event | None = None) -> None:
@@ -228,10 +221,10 @@ class Deliverer:
 
         Backfill events go at once; live events wait for ``profiles_done`` (their names must be in first).
         """
-        parsed = [(row, json.loads(row.payload)) for row in rows]
-        history = [item for item in parsed if is_backfill(item[1])]
-        live = [item for item in parsed if not is_backfill(item[1])]
-        bulk = len(rows) >= self.bulk_events_min
+        parsed = parse_payloads(rows)
+        history = [item for item in parsed if is_history(item[1])]
+        live = [item for item in parsed if not is_history(item[1])]
+        bulk = len(rows) >= BULK_EVENTS_MIN
         await together(self.send_event_chunks(history), self._send_live(live, bulk, profiles_done))
 
     async def _send_live(self, live: Sequence[Parsed], bulk: bool, profiles_done: asyncio.Event | None) -> None:
@@ -243,7 +236,7 @@ class Deliverer:
         if bulk:
             await self.send_event_chunks(live)
         else:
-            await self.send_singles([row for row, _ in live])
+            await self.send_singles(live)
 
     async def send_event_chunks(self, items: Sequence[Parsed]) -> None:
         """Send events in bulk requests within Klaviyo's count, size and unique_id rules."""
@@ -252,12 +245,12 @@ class Deliverer:
         chunks = plan_chunks(sizes, keys, max_items=MAX_BULK_EVENTS)
         await together(*(self._bulk_events([items[i] for i in chunk]) for chunk in chunks))
 
-    async def send_singles(self, rows: Sequence[OutboxRow]) -> None:
+    async def send_singles(self, items: Sequence[Parsed]) -> None:
         """Send rows through the single endpoints, ``batch`` at a time."""
-        for start in range(0, len(rows), self.batch):
+        for start in range(0, len(items), SINGLES_BATCH):
             if self.key_refused:
                 return
-            await self.send_rows(list(rows[start : start + self.batch]))
+            await self.send_rows(items[start : start + SINGLES_BATCH])
 
     # -- bulk events ---------------------------------------------------------------------------------------
 
@@ -267,15 +260,9 @@ class Deliverer:
             return
         rows = [row for row, _ in items]
         failpoints.hit("mid_batch")
-        try:
-            await self.klaviyo.create_events_bulk([payload for _, payload in items])
-        except AuthFailed as exc:
-            await self.on_key_refused(exc)
-        except PermanentUpstream as exc:
-            await self._bisect(items, exc, self._bulk_events)
-        except TransientUpstream as exc:
-            await self.on_transient_many(rows, exc)
-        else:
+        sent, _ = await self._settle(rows, lambda: self.klaviyo.create_events_bulk([p for _, p in items]),
+                                     lambda exc: self._bisect(items, exc, self._bulk_events))
+        if sent:
             await self.on_sent_many(rows)
 
     async def _bisect(
@@ -292,7 +279,7 @@ class Deliverer:
             "splitting" if len(items) > BISECT_LEAF else "sending row by row",
         )
         if len(items) <= BISECT_LEAF:
-            await self.send_rows([row for row, _ in items])
+            await self.send_rows(items)
             return
         first, second = halves(items)
         await together(again(first), again(second))
@@ -304,16 +291,12 @@ class Deliverer:
         if self.key_refused:
             return
         rows = [row for row, _ in items]
-        try:
-            outcome = await self.klaviyo.import_profiles([payload for _, payload in items], list_id)
-        except AuthFailed as exc:
-            await self.on_key_refused(exc)
-        except PermanentUpstream as exc:
-            await self._bisect(items, exc, lambda part: self._import(part, list_id))
-        except (TransientUpstream, MalformedPayload) as exc:
-            # The job may have run in part or not at all; importing again is a harmless upsert.
-            await self.on_transient_many(rows, exc)
-        else:
+        # A job that failed may have run in part or not at all; importing again is a harmless upsert.
+        done, outcome = await self._settle(
+            rows, lambda: self.klaviyo.import_profiles([p for _, p in items], list_id),
+            lambda exc: self._bisect(items, exc, lambda part: self._import(part, list_id)),
+        )
+        if done and outcome is not None:
             await self._account_import(rows, outcome)
 
     async def _account_import(self, rows: Sequence[OutboxRow], outcome: ImportOutcome) -> None:
@@ -344,43 +327,56 @@ class Deliverer:
 
     # -- single requests -----------------------------------------------------------------------------------
 
-    async def send_rows(self, rows: list[OutboxRow]) -> None:
+    async def send_rows(self, items: Sequence[Parsed]) -> None:
         """Send rows concurrently; profile rows first so their ids can join the list in this batch."""
-        gate = asyncio.Semaphore(self.concurrency)
+        gate = asyncio.Semaphore(CONCURRENCY)
 
-        async def one(row: OutboxRow) -> None:
+        async def one(item: Parsed) -> None:
             async with gate:
                 if not self.key_refused:
                     failpoints.hit("mid_batch")
-                    await self.send_row(row)
+                    await self.send_row(item)
 
-        profiles = [r for r in rows if r.kind == "profile"]
-        events = [r for r in rows if r.kind == "event"]
-        for group in (profiles, events):
-            await together(*(one(r) for r in group))
+        for kind in ("profile", "event"):
+            await together(*(one(item) for item in items if item[0].kind == kind))
 
-    async def send_row(self, row: OutboxRow) -> None:
-        """Send one row and record the outcome."""
-        try:
-            profile_id = await self._send(row)
-        except AuthFailed as exc:
-            await self.on_key_refused(exc)
-        except PermanentUpstream as exc:
-            await self.on_refused(row, exc)
-        except TransientUpstream as exc:
-            await self.on_transient(row, exc)
-        else:
+    async def send_row(self, item: Parsed) -> None:
+        """Send one row through its single endpoint and record the outcome."""
+        row, payload = item
+        sent, profile_id = await self._settle([row], lambda: self._send(row.kind, payload),
+                                              lambda exc: self.on_refused(row, exc))
+        if sent:
             failpoints.hit("after_send_before_mark")
             await self.store.mark_sent(row, self.clock(), profile_id)
             self.stats.sent += 1
             await self.on_accepted()
 
-    async def _send(self, row: OutboxRow) -> str | None:
+    async def _send(self, kind: RowKind, payload: Mapping[str, Any]) -> str | None:
         """Perform the Klaviyo call for one row; return the profile id for profile rows."""
-        if row.kind == "profile":
-            return await self.klaviyo.import_profile(json.loads(row.payload))
-        await self.klaviyo.create_event(row.payload)
+        if kind == "profile":
+            return await self.klaviyo.import_profile(payload)
+        await self.klaviyo.create_event(payload)
         return None
+
+    async def _settle(
+        self, rows: Sequence[OutboxRow], request: Callable[[], Awaitable[T]],
+        refused: Callable[[PermanentUpstream], Awaitable[None]],
+    ) -> tuple[bool, T | None]:
+        """Run one request carrying ``rows``; on failure record the outcome for all of them, the one way.
+
+        Returns (True, the request's result) when Klaviyo accepted it. A refused key pauses the customer, a
+        refused request goes to ``refused`` (dead letter, or bisection of a bulk request), anything that may pass
+        later (429, 5xx, timeouts, an unreadable answer) reschedules every row.
+        """
+        try:
+            return True, await request()
+        except AuthFailed as exc:
+            await self.on_key_refused(exc)
+        except PermanentUpstream as exc:
+            await refused(exc)
+        except (TransientUpstream, MalformedPayload) as exc:
+            await self.on_transient(rows, exc)
+        return False, None
 
     async def flush_list_members(self) -> None:
         """Add imported profiles to the customer's list, up to 1000 ids per call."""
@@ -415,8 +411,8 @@ class Deliverer:
         log.debug("klaviyo accepted bulk customer=%s kind=%s rows=%d", self.customer_id, rows[0].kind, len(rows))
         await self.on_accepted()
 
-    async def on_transient_many(self, rows: Sequence[OutboxRow], exc: TransientUpstream | MalformedPayload) -> None:
-        """Reschedule every row of a bulk request that failed in a way that may pass."""
+    async def on_transient(self, rows: Sequence[OutboxRow], exc: TransientUpstream | MalformedPayload) -> None:
+        """Reschedule every row of a request that failed in a way that may pass (its server hint respected)."""
         attempts = max(row.attempts for row in rows)
         delay = retry_delay(attempts)
         hint = exc.retry_after if isinstance(exc, TransientUpstream) else None
@@ -426,8 +422,8 @@ class Deliverer:
         await self.store.mark_retry_many(rows, now, now + delay, str(exc), exc.status)
         self.stats.retried += len(rows)
         log.debug(
-            "klaviyo bulk send will be retried customer=%s kind=%s rows=%d in_s=%d error=%s",
-            self.customer_id, rows[0].kind, len(rows), delay.total_seconds(), exc,
+            "klaviyo send will be retried customer=%s rows=%d first=%s order=%s in_s=%d error=%s",
+            self.customer_id, len(rows), row_ref(rows[0]), order_of(rows[0]), delay.total_seconds(), exc,
         )
         await self.record_failure(exc)
 
@@ -435,7 +431,7 @@ class Deliverer:
         """Pause this customer: its key is refused, and every further send would be too."""
         self.key_refused = True
         newly = await self._set_key_health(False, str(exc))
-        now = self._monotonic()
+        now = time.monotonic()
         if not newly and self._refusal_logged_at is not None and \
                 now - self._refusal_logged_at < 0.9 * self.key_probe_seconds:
             return  # several sends of one probe round saw the same 401: one line per probe interval
@@ -492,17 +488,3 @@ class Deliverer:
             exc.detail,
             "inspect with `klaviyo-bridge dead-letters show`, fix the cause, then replay",
         )
-
-    async def on_transient(self, row: OutboxRow, exc: TransientUpstream) -> None:
-        """Reschedule a row after a failure that may pass."""
-        delay = retry_delay(row.attempts)
-        if exc.retry_after is not None:
-            delay = max(delay, timedelta(seconds=exc.retry_after))
-        now = self.clock()
-        await self.store.mark_retry(row, now, now + delay, str(exc), exc.status)
-        self.stats.retried += 1
-        log.debug(
-            "klaviyo send will be retried customer=%s order=%s %s in_s=%d error=%s",
-            self.customer_id, order_of(row), row_ref(row), delay.total_seconds(), exc,
-        )
-        await self.record_failure(exc)

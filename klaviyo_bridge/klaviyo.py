@@ -421,9 +421,9 @@ class KlaviyoClient:
             body = encode(list_members_body(chunk))
             await self._request(_Request(Endpoint.LIST_ADD, "POST", path, body=body))
 
-    async def create_event(self, payload_json: str) -> None:
-        """Send one stored outbox event; 202 means Klaviyo queued it."""
-        body = encode(event_body(json.loads(payload_json)))
+    async def create_event(self, payload: Mapping[str, Any]) -> None:
+        """Send one stored outbox event (its parsed payload); 202 means Klaviyo queued it."""
+        body = encode(event_body(payload))
         await self._request(_Request(Endpoint.EVENTS, "POST", "/api/events", body=body))
 
     async def create_events_bulk(self, payloads: Sequence[Mapping[str, Any]]) -> None:

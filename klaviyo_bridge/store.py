@@ -11,6 +11,8 @@ Delivery contract (transactional outbox; reliability guide §0-§4):
 - **Bounded duplication.** Only rows in flight at a crash (at most one batch per customer) are sent twice.
 - **Isolation.** Every row, cursor and key-health flag belongs to one customer; nothing here lets one
   customer's failures touch another's rows.
+- **One kind of failure.** sqlite3's errors never leave this module: every read and write translates them into
+  ``errors.StoreError`` naming the database, so callers handle one storage error and nothing else imports sqlite3.
 - **Never from scratch.** A database that is unreadable, corrupt or from a newer version stops the daemon;
   an older schema is migrated in place, in one transaction per version.
 The fault suite (tests/faults/) SIGKILLs the daemon at named failpoints (one inside ``commit_page``'s
@@ -43,7 +45,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -878,17 +880,28 @@ class Store:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Hold the connection for a read."""
+        """Hold the connection for a read; SQLite's failures leave as StoreError."""
         async with self._lock:
-            yield self._db
+            with self._errors():
+                yield self._db
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Hold the connection for one write transaction."""
+        """Hold the connection for one write transaction; SQLite's failures leave as StoreError."""
         if self._readonly:
             raise StoreError(f"state database {self._path} is open read-only")
-        async with self._lock, _transaction(self._db) as db:
-            yield db
+        async with self._lock:
+            with self._errors():
+                async with _transaction(self._db) as db:
+                    yield db
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Translate sqlite3's errors (locked, disk full, I/O) into the package's own, naming the database."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"state database {self._path}: {exc}") from exc
 
     # -- customers -----------------------------------------------------------------------------------------
 

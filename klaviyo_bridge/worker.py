@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from datetime import datetime, timedelta
 
@@ -20,7 +19,7 @@ from .clock import WallClock, utcnow
 from .config import CustomerSettings, Settings
 from .core import midnight_utc
 from .delivery import Deliverer
-from .errors import AuthFailed, BridgeError, MalformedOrder, UpstreamError
+from .errors import AuthFailed, BridgeError, MalformedOrder, StoreError, UpstreamError
 from .health import UpstreamHealth
 from .klaviyo import KlaviyoClient
 from .metrics import MetricsSink, NoMetrics
@@ -163,7 +162,7 @@ class CustomerWorker:
             return SyncStats()
         try:
             stats = await self.poll_once()
-        except (BridgeError, sqlite3.Error) as exc:
+        except BridgeError as exc:
             self.metrics.poll_done(self.cid, False)
             self._poll_failed(exc)
             await self._record_poll(False, str(exc))
@@ -192,7 +191,7 @@ class CustomerWorker:
         except UpstreamError as exc:
             self.whiplash_health.failed(self.cid, exc)
             return SyncStats()
-        except (BridgeError, sqlite3.Error) as exc:
+        except BridgeError as exc:
             log.error("reconcile failed customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
             return SyncStats()
 
@@ -217,7 +216,7 @@ class CustomerWorker:
         """Record a poll's outcome; a state DB that cannot take the write (locked, full) is logged, not raised."""
         try:
             await self.store.record_poll(self.cid, self.clock(), ok, error)
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             log.error("poll outcome not recorded customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
 
     async def _update_gauges(self) -> None:
@@ -269,7 +268,7 @@ class CustomerWorker:
         except UpstreamError as exc:
             # Set-up (finding or creating the list) failed the way a send can: part of an outage, if any.
             await self.deliverer.record_failure(exc)
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             log.error("delivery paused customer=%s error=%s action=%s", self.cid, exc,
                       "retried next cycle; check the state DB's disk (space, permissions, other processes "
                       "holding it); a row sent but not marked goes out again under its unique_id")
@@ -345,7 +344,7 @@ def _poll_advice(exc: BaseException) -> str:
     """Tell ops what to do about a failed poll."""
     if isinstance(exc, AuthFailed):
         return "check the Whiplash client credentials / refresh token and the customer id"
-    if isinstance(exc, sqlite3.Error):
+    if isinstance(exc, StoreError):
         return ("check the state DB (disk space, permissions, another process holding a lock); nothing was "
                 "committed for the failed page and it is read again next cycle")
     return "will retry next cycle; if it persists check Whiplash status and network"

@@ -339,7 +339,7 @@ async def test_add_to_list_with_no_ids_sends_nothing(mocked: aioresponses, clien
 async def test_create_event_posts_the_built_body(mocked: aioresponses, client: KlaviyoClient) -> None:
     mocked.post(EVENTS, status=202)
 
-    await client.create_event(json.dumps(PAYLOAD))
+    await client.create_event(PAYLOAD)
 
     [kwargs] = sent(mocked, "POST", EVENTS)
     assert_headers(kwargs, write=True)
@@ -358,7 +358,7 @@ async def test_429_with_retry_after_waits_then_succeeds(
     mocked.post(EVENTS, status=429, headers={"Retry-After": "2"}, body=throttled)
     mocked.post(EVENTS, status=202)
 
-    await client.create_event(json.dumps(PAYLOAD))
+    await client.create_event(PAYLOAD)
 
     assert len(sent(mocked, "POST", EVENTS)) == 2
     assert fake.now >= 2.0  # the retry's acquire() waited out the server's hint
@@ -375,11 +375,11 @@ async def test_429_hint_in_body_is_used_when_header_missing(
     mocked.post(EVENTS, status=202)
 
     with pytest.raises(RateLimited) as caught:
-        await client.create_event(json.dumps(PAYLOAD))
+        await client.create_event(PAYLOAD)
     assert caught.value.retry_after == 3.0
     assert_no_key(caught.value)
 
-    await client.create_event(json.dumps(PAYLOAD))
+    await client.create_event(PAYLOAD)
     assert fake.now == pytest.approx(3.0)  # the penalty held the next call back
 
 
@@ -401,7 +401,7 @@ async def test_503_storm_exhausts_retries_and_raises_transient(
     mocked.post(EVENTS, status=503, body=errors_body(503, "unavailable", "try later"), repeat=True)
 
     with pytest.raises(TransientUpstream) as caught:
-        await client.create_event(json.dumps(PAYLOAD))
+        await client.create_event(PAYLOAD)
 
     assert caught.value.status == 503
     assert caught.value.detail == "unavailable: try later"
@@ -423,7 +423,7 @@ async def test_timeouts_only_raise_transient_without_status(
     mocked.post(EVENTS, exception=TimeoutError(), repeat=True)
 
     with pytest.raises(TransientUpstream) as caught:
-        await client.create_event(json.dumps(PAYLOAD))
+        await client.create_event(PAYLOAD)
 
     assert caught.value.status is None
     assert isinstance(caught.value.__cause__, TimeoutError)
@@ -436,7 +436,7 @@ async def test_connection_reset_is_retried_with_identical_bytes(
     mocked.post(EVENTS, exception=aiohttp.ServerDisconnectedError())
     mocked.post(EVENTS, status=202)
 
-    await client.create_event(json.dumps(PAYLOAD))
+    await client.create_event(PAYLOAD)
 
     bodies = [kwargs["data"] for kwargs in sent(mocked, "POST", EVENTS)]
     assert len(bodies) == 3
@@ -451,7 +451,7 @@ async def test_400_is_permanent_with_body_and_not_retried(
     mocked.post(EVENTS, status=400, body=body, repeat=True)
 
     with pytest.raises(PermanentUpstream) as caught:
-        await client.create_event(json.dumps(PAYLOAD))
+        await client.create_event(PAYLOAD)
 
     assert caught.value.status == 400
     assert caught.value.body == body
@@ -481,7 +481,7 @@ async def test_auth_failures_are_not_retried(
     mocked.post(EVENTS, status=status, body=body, repeat=True)
 
     with pytest.raises(AuthFailed) as caught:
-        await client.create_event(json.dumps(PAYLOAD))
+        await client.create_event(PAYLOAD)
 
     assert caught.value.status == status
     assert len(sent(mocked, "POST", EVENTS)) == 1
@@ -503,9 +503,9 @@ async def test_ratelimit_headers_slow_the_next_request(
     mocked.post(EVENTS, status=202, headers={"RateLimit-Remaining": "0", "RateLimit-Reset": "30"})
     mocked.post(EVENTS, status=202)
 
-    await client.create_event(json.dumps(PAYLOAD))
+    await client.create_event(PAYLOAD)
     assert fake.now == 0.0
-    await client.create_event(json.dumps(PAYLOAD))
+    await client.create_event(PAYLOAD)
 
     assert fake.now >= 30.0
 
