@@ -225,7 +225,7 @@ async def test_missing_folder_is_refused_and_never_created(tmp_path: Path) -> No
 async def test_new_database_is_announced_once(db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """1. Open a DB that does not exist yet, then open it again.
     Result: one WARNING at creation saying every customer starts from its backfill window; none on reopening."""
-    caplog.set_level(logging.INFO, logger="klaviyo_bridge.store")
+    caplog.set_level(logging.INFO, logger="klaviyo_bridge.store_schema")
     await (await Store.open(db_path)).close()
     await (await Store.open(db_path)).close()
     created = [r for r in caplog.records if "new state database" in r.getMessage()]
@@ -282,7 +282,7 @@ async def test_commit_page_is_all_or_nothing(
     async def disk_on_fire(*args: object) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(store_module, "_set_cursor", disk_on_fire)
+    monkeypatch.setattr(store_module, "set_cursor", disk_on_fire)
     page = plan(
         {1: OrderMemory(300, frozenset({EventKind.SHIPPED})), 2: OrderMemory(100)},
         [change("a@x.io", "Anna"), change("b@x.io", "Bob")],
@@ -319,7 +319,7 @@ async def test_cancelled_commit_rolls_back(
         inside.set()
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(store_module, "_set_cursor", hang)
+    monkeypatch.setattr(store_module, "set_cursor", hang)
     task = asyncio.create_task(store.commit_page(CID, plan({1: OrderMemory(100)}), (NOW, 1), [], NOW))
     await asyncio.wait_for(inside.wait(), timeout=5)
     task.cancel()
@@ -647,7 +647,7 @@ async def test_readonly_reader_sees_committed_data_while_the_writer_works(
     await store.commit_page(CID, plan(events=[event(1, EventKind.SHIPPED)]), (NOW, 1), [], NOW)
     reader = await Store.open(db_path, readonly=True)
     seen: list[tuple[int, tuple[datetime, int] | None]] = []
-    original: Callable[..., Any] = store_module._set_cursor
+    original: Callable[..., Any] = store_module.set_cursor
 
     async def look_then_set(*args: Any) -> None:
         # Runs inside the writer's open transaction: the reader must neither block nor see it.
@@ -655,7 +655,7 @@ async def test_readonly_reader_sees_committed_data_while_the_writer_works(
         seen.append(((await reader.counts(CID, NOW)).queued, state.cursor))
         await original(*args)
 
-    monkeypatch.setattr(store_module, "_set_cursor", look_then_set)
+    monkeypatch.setattr(store_module, "set_cursor", look_then_set)
     try:
         later = NOW + timedelta(minutes=1)
         await store.commit_page(CID, plan(events=[event(2, EventKind.SHIPPED)]), (later, 2), [], NOW)

@@ -35,7 +35,7 @@ from faultkit import (
     shops,
 )
 
-from klaviyo_bridge import store as store_module
+from klaviyo_bridge import store_schema
 from klaviyo_bridge.core import EventKind, OrderMemory
 from klaviyo_bridge.sandbox.whiplash import OrderScript
 from klaviyo_bridge.store import SCHEMA_VERSION, Store
@@ -100,7 +100,7 @@ async def test_a_long_foreign_write_lock_is_logged_and_survived(
     """1. Busy timeout 0.3 s. 2. Another process holds the write lock for 2 s while new orders arrive.
     3. Cycle. Result: the poll fails with 'database is locked' logged as ERROR; nothing raises.
     4. The lock is released; drain. Result: everything delivered once, the DB intact."""
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(store_schema, "BUSY_TIMEOUT_MS", 300)
     async with serve([A]) as sims:
         script, ledger = seed(sims, A)
         bridge = Bridge(tmp_path, sims, [A]).write()
@@ -243,7 +243,7 @@ async def test_v1_database_is_migrated_with_its_data(tmp_path: Path) -> None:
     upgrade (so the reconcile sweep re-reads it for reconcile_days from now)."""
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)
-    for statement in store_module._SCHEMA_V1:
+    for statement in store_schema.SCHEMA_V1:
         db.execute(statement)
     db.executescript(
         """PRAGMA user_version = 1;
