@@ -93,7 +93,7 @@ bench: $(BENCH_STAMP)
 # Mutation testing (mutation/run.py): each module mutated by mutmut and run against its own test file, killed
 # and survived per module, listed equivalents (mutation/equivalents.toml) left out of the score; fails below a
 # module's floor. A subset: make mutate MODULES="core orders". Work files in mutants/ (rebuilt every run).
-MODULES ?= core orders ratelimit config
+MODULES ?= core orders ratelimit config config_secrets config_problems
 MUTATE_STAMP := $(VENV)/.mutate-installed
 
 $(MUTATE_STAMP): $(STAMP) mutation/requirements.txt

@@ -19,16 +19,13 @@ Invariants kept here:
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import stat
 import sys
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
-from functools import partial
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
@@ -46,27 +43,23 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
 from klaviyo_bridge import logs
+from klaviyo_bridge.config_problems import Loc, escape_controls, format_loc, problem_lines, quote
+from klaviyo_bridge.config_secrets import os_reason, resolve_references
 from klaviyo_bridge.core import DEFAULT_METRIC_NAMES, EventKind, Rules
 from klaviyo_bridge.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/klaviyo-bridge/config.toml")
 CONFIG_PATH_ENV = "KLAVIYO_BRIDGE_CONFIG"
-CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"
 
-# A secret file larger than this is certainly not a key; the cap also keeps /dev/zero-like paths harmless.
-_MAX_SECRET_BYTES = 64 * 1024
 _MAX_METRIC_NAME = 127
-_MAX_ECHO = 60
 # timedelta/datetime arithmetic overflows long before float does; ten years is far beyond any useful value.
 _MAX_STALE_HOURS = 10 * 365 * 24
 _MAX_INT32 = 2**31 - 1
 _MAX_INT64 = 2**63 - 1
-_LITERAL_SECRET = "literal secret in config file; use env:, file: or credential:"
 
-Loc = tuple[int | str, ...]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 Grant = Literal["client_credentials", "refresh_token"]
@@ -80,12 +73,6 @@ def _fail(message: str) -> PydanticCustomError:
     return PydanticCustomError("bridge_value", message)
 
 
-def _quote(text: str) -> str:
-    """Quote user text for a problem line, shortened so a pasted blob cannot flood the output."""
-    short = text if len(text) <= _MAX_ECHO else text[:_MAX_ECHO] + "…"
-    return json.dumps(short, ensure_ascii=False)
-
-
 def _non_blank(value: str) -> str:
     """Reject empty and whitespace-only text."""
     if not value.strip():
@@ -96,7 +83,7 @@ def _non_blank(value: str) -> str:
 def _http_url(value: str) -> str:
     """Accept an absolute http(s) URL without credentials, query or fragment; drop trailing slashes."""
     if not _is_plain_http_url(value):
-        raise _fail(f"must be an http(s) URL like https://host (got {_quote(value)})")
+        raise _fail(f"must be an http(s) URL like https://host (got {quote(value)})")
     return value.rstrip("/")
 
 
@@ -129,7 +116,7 @@ def _revision(value: str) -> str:
     except ValueError:
         valid = False
     if not valid:
-        raise _fail(f"must be a revision date like 2026-07-15 or 2026-07-15.pre (got {_quote(value)})")
+        raise _fail(f"must be a revision date like 2026-07-15 or 2026-07-15.pre (got {quote(value)})")
     return value
 
 
@@ -138,7 +125,7 @@ def _email(value: str) -> str:
     try:
         validate_email(value.strip(), check_deliverability=False)
     except EmailNotValidError:
-        raise _fail(f"must be an email address (got {_quote(value)})") from None
+        raise _fail(f"must be an email address (got {quote(value)})") from None
     return value.strip().lower()
 
 
@@ -161,7 +148,7 @@ def _listen_address(value: str) -> str:
     """Accept "host:port" (IPv6 hosts in brackets) with a port in 1..65535."""
     if _split_host_port(value) is None:
         example = '"127.0.0.1:9464"'
-        raise _fail(f'must be "host:port" with a port in 1..65535, e.g. {example} (got {_quote(value)})')
+        raise _fail(f'must be "host:port" with a port in 1..65535, e.g. {example} (got {quote(value)})')
     return value
 
 
@@ -191,7 +178,7 @@ Secret = Annotated[SecretStr, Field(min_length=1)]
 def _raise_cross(problems: list[tuple[Loc, str]]) -> None:
     """Raise one error carrying several (relative key path, why) problems, if there are any."""
     if problems:
-        summary = "; ".join(f"{_format_loc(loc)}: {why}" for loc, why in problems)
+        summary = "; ".join(f"{format_loc(loc)}: {why}" for loc, why in problems)
         context = {"summary": summary, "problems": tuple(problems)}
         raise PydanticCustomError("cross_field", "{summary}", context)
 
@@ -280,7 +267,7 @@ class EventSettings(BaseModel):
     def _names_distinct(self) -> Self:
         """Reject two milestones sharing one metric (flows could not tell them apart)."""
         names = {kind: self.name_for(kind) for kind in EventKind}
-        _raise_cross([((kind.value,), f"same metric name as events.{owner.value} ({_quote(names[kind])})")
+        _raise_cross([((kind.value,), f"same metric name as events.{owner.value} ({quote(names[kind])})")
                       for kind, owner in _shared_names(names)])
         return self
 
@@ -375,7 +362,7 @@ class CustomerSettings(BaseModel):
         problems: list[tuple[Loc, str]] = []
         for index, name in enumerate(events):
             if name in seen:
-                problems.append(((index,), f"{_quote(name)} is listed twice"))
+                problems.append(((index,), f"{quote(name)} is listed twice"))
             seen.add(name)
         _raise_cross(problems)
         return events
@@ -420,7 +407,7 @@ class Settings(BaseModel):
             names = self.metric_names_for(customer)
             problems += [
                 (("customers", index, "metrics", kind.value),
-                 f"same metric name as {owner.value} for this customer ({_quote(names[kind])})")
+                 f"same metric name as {owner.value} for this customer ({quote(names[kind])})")
                 for kind, owner in _shared_names(names)
             ]
         _raise_cross(problems)
@@ -485,15 +472,15 @@ def load_config(
     """
     env = os.environ if environ is None else environ
     raw = _read_toml(path)
-    secret_problems, warnings = _resolve_secrets(raw, env, resolve=resolve_secrets)
+    secret_problems, warnings = resolve_references(raw, env, resolve=resolve_secrets)
     settings, problems = _validate(raw)
     problems += secret_problems
     if settings is not None and check_state_folder:
         problems += _state_folder_problems(settings.bridge.state_path)
     if settings is None or problems:
-        raise ConfigError([_one_line(line) for line in problems])
+        raise ConfigError([escape_controls(line) for line in problems])
     warnings += _advice(settings, today or datetime.now(UTC).date())
-    return LoadedConfig(settings=settings, warnings=tuple(_one_line(line) for line in warnings))
+    return LoadedConfig(settings=settings, warnings=tuple(escape_controls(line) for line in warnings))
 
 
 def load_or_report(
@@ -538,22 +525,17 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError([_one_line(f"{path}: invalid TOML: not UTF-8 (byte {exc.start})")]) from None
+        raise ConfigError([escape_controls(f"{path}: invalid TOML: not UTF-8 (byte {exc.start})")]) from None
     except OSError as exc:
-        raise ConfigError([_one_line(f"{path}: cannot read file ({_reason(exc)})")]) from None
+        raise ConfigError([escape_controls(f"{path}: cannot read file ({os_reason(exc)})")]) from None
     except ValueError:  # an embedded NUL in the path
-        raise ConfigError([_one_line(f"{path}: cannot read file (invalid path)")]) from None
+        raise ConfigError([escape_controls(f"{path}: cannot read file (invalid path)")]) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([_one_line(f"{path}: invalid TOML: {exc}")]) from None
+        raise ConfigError([escape_controls(f"{path}: invalid TOML: {exc}")]) from None
     except RecursionError:
-        raise ConfigError([_one_line(f"{path}: invalid TOML: nested too deeply")]) from None
-
-
-def _reason(exc: OSError) -> str:
-    """Return the OS's words for ``exc``, e.g. "No such file or directory"."""
-    return exc.strerror or type(exc).__name__
+        raise ConfigError([escape_controls(f"{path}: invalid TOML: nested too deeply")]) from None
 
 
 def _validate(raw: dict[str, Any]) -> tuple[Settings | None, list[str]]:
@@ -563,7 +545,7 @@ def _validate(raw: dict[str, Any]) -> tuple[Settings | None, list[str]]:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
     # Outside the except block so no ValidationError (whose text may echo inputs) is chained anywhere.
-    return None, [line for error in errors for line in _problem_lines(error)]
+    return None, [line for error in errors for line in problem_lines(error)]
 
 
 def _advice(settings: Settings, today: date) -> list[str]:
@@ -576,7 +558,7 @@ def _advice(settings: Settings, today: date) -> list[str]:
         )
     if not settings.bridge.state_path.is_absolute():
         advice.append(
-            f"bridge.state_path: {_quote(str(settings.bridge.state_path))} is relative, so it depends on the "
+            f"bridge.state_path: {quote(str(settings.bridge.state_path))} is relative, so it depends on the "
             "directory the bridge is started from; use an absolute path (e.g. /var/lib/klaviyo-bridge/state.db)"
         )
     for index, customer in enumerate(settings.customers):
@@ -588,255 +570,7 @@ def _advice(settings: Settings, today: date) -> list[str]:
     return advice
 
 
-def _one_line(text: str) -> str:
-    """Escape anything that would break "one line per problem" (newlines, control characters)."""
-    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in text)
-
-
-# --- secrets ------------------------------------------------------------------------------------------------
-
-
-class _Unresolvable(Exception):
-    """A secret reference that cannot be turned into a value; ``why`` never contains the value."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why = why
-
-
-def _secret_slots(raw: dict[str, Any]) -> Iterator[tuple[Loc, dict[str, Any], str, bool]]:
-    """Yield (key path, table, key, in use) for every place a secret may sit in the raw TOML.
-
-    A disabled customer's key is not in use: the daemon never calls Klaviyo for it.
-    """
-    whiplash = raw.get("whiplash")
-    if isinstance(whiplash, dict):
-        for key in ("client_secret", "refresh_token"):
-            yield ("whiplash", key), whiplash, key, True
-    customers = raw.get("customers")
-    if isinstance(customers, list):
-        for index, customer in enumerate(customers):
-            if isinstance(customer, dict):
-                in_use = customer.get("enabled", True) is not False
-                yield ("customers", index, "klaviyo_api_key"), customer, "klaviyo_api_key", in_use
-
-
-def _resolve_secrets(
-    raw: dict[str, Any], environ: Mapping[str, str], *, resolve: bool = True
-) -> tuple[list[str], list[str]]:
-    """Replace secret references in ``raw`` by their values; return (problems, warnings).
-
-    Only references in use are resolved, and none unless ``resolve``; the others stay as they are.
-    Non-string and empty values are left for validation to report; an unresolvable reference stays in place
-    (validation accepts it, so each problem is reported once) and the whole load fails anyway.
-    """
-    problems: list[str] = []
-    warnings: list[str] = []
-    for loc, table, key, in_use in _secret_slots(raw):
-        value = table.get(key)
-        if not isinstance(value, str) or not value:
-            continue
-        if _is_literal(value):
-            warnings.append(f"{_format_loc(loc)}: {_LITERAL_SECRET}")
-        if not (resolve and in_use):
-            continue
-        try:
-            table[key] = _resolve(value, environ)
-        except _Unresolvable as exc:
-            problems.append(f"{_format_loc(loc)}: {exc.why}")
-    return problems, warnings
-
-
-def _is_literal(value: str) -> bool:
-    """Tell whether a configured secret is the value itself rather than a reference to it."""
-    scheme, sep, _ = value.partition(":")
-    return not (sep and scheme in _RESOLVERS)
-
-
-def _resolve(value: str, environ: Mapping[str, str]) -> str:
-    """Return the secret one configured secret string stands for."""
-    scheme, _, rest = value.partition(":")
-    if _is_literal(value):
-        return _require_content(value, "the value")
-    return _RESOLVERS[scheme](rest, environ)
-
-
-def _require_content(value: str, what: str) -> str:
-    """Reject a blank secret; ``what`` names its source."""
-    if not value.strip():
-        raise _Unresolvable(f"{what} is empty")
-    return value
-
-
-def _from_env(name: str, environ: Mapping[str, str]) -> str:
-    """Resolve ``env:NAME``."""
-    if not name:
-        raise _Unresolvable('"env:" needs a variable name, e.g. "env:KLAVIYO_KEY"')
-    value = environ.get(name)
-    if value is None:
-        raise _Unresolvable(f"environment variable {name} is not set")
-    return _require_content(value, f"environment variable {name}")
-
-
-def _from_file(name: str, environ: Mapping[str, str]) -> str:
-    """Resolve ``file:/abs/path``."""
-    path = Path(name)
-    if not path.is_absolute():
-        raise _Unresolvable(f'"file:" needs an absolute path (got {_quote(name)})')
-    return _read_secret_file(path)
-
-
-def _from_credential(name: str, environ: Mapping[str, str]) -> str:
-    """Resolve ``credential:NAME`` from systemd's $CREDENTIALS_DIRECTORY."""
-    if not name or "/" in name or name in (".", ".."):
-        raise _Unresolvable(f'"credential:" needs a credential name without "/" (got {_quote(name)})')
-    directory = environ.get(CREDENTIALS_DIRECTORY_ENV)
-    if not directory:
-        raise _Unresolvable(
-            f"credential {name}: {CREDENTIALS_DIRECTORY_ENV} is not set "
-            "(start the bridge with systemd LoadCredential=)"
-        )
-    return _read_secret_file(Path(directory) / name)
-
-
-_RESOLVERS: dict[str, Callable[[str, Mapping[str, str]], str]] = {
-    "env": _from_env,
-    "file": _from_file,
-    "credential": _from_credential,
-}
-
-
-def _read_secret_file(path: Path) -> str:
-    """Return a secret file's text without its trailing newline."""
-    try:
-        # stat first: opening a FIFO would block and reading a device might never end.
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise _Unresolvable(f"cannot read file {path} (not a regular file)")
-        with path.open("rb") as handle:
-            data = handle.read(_MAX_SECRET_BYTES + 1)
-    except OSError as exc:
-        raise _Unresolvable(f"cannot read file {path} ({_reason(exc)})") from None
-    except ValueError:  # an embedded NUL in the path
-        raise _Unresolvable(f"cannot read file {path} (invalid path)") from None
-    return _decode_secret(data, path)
-
-
-def _decode_secret(data: bytes, path: Path) -> str:
-    """Decode a secret file's bytes, rejecting oversized, non-UTF-8 and empty content."""
-    if len(data) > _MAX_SECRET_BYTES:
-        raise _Unresolvable(f"file {path} is larger than {_MAX_SECRET_BYTES // 1024} KiB")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _Unresolvable(f"file {path} is not UTF-8 text") from None
-    return _require_content(text.rstrip("\r\n"), f"file {path}")
-
-
-# --- pydantic errors → problem lines ------------------------------------------------------------------------
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_SECTIONS = frozenset({"bridge", "whiplash", "klaviyo"})
-_TOML_TYPES: tuple[tuple[type, str], ...] = (
-    (bool, "boolean"),  # before int: bool is an int subclass
-    (int, "integer"),
-    (float, "float"),
-    (str, "string"),
-    (dict, "table"),
-    (list, "array"),
-    (datetime, "date-time"),  # before date: datetime is a date subclass
-    (date, "date"),
-    (time, "time"),
-)
-
-
-def _format_loc(loc: Loc) -> str:
-    """Render a key path like ``customers[1].backfill_days``."""
-    text = ""
-    for item in loc:
-        if isinstance(item, int):
-            text += f"[{item}]"
-        else:
-            key = item if _BARE_KEY.fullmatch(item) else json.dumps(item, ensure_ascii=False)
-            text += f".{key}" if text else key
-    return text or "(top level)"
-
-
-def _toml_type(value: Any) -> str:
-    """Name the TOML type of a parsed value."""
-    for kind, name in _TOML_TYPES:
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
-def _number(value: Any) -> str:
-    """Render a bound or an input number the way it would be written in TOML."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
-        return str(int(value))
-    return str(value) if isinstance(value, int | float) else _toml_type(value)
-
-
 # The describers below are bound to their words with partial() in _MESSAGES rather than built by factories
 # at import: code that runs only at import is out of reach of mutation testing (make mutate).
 
 
-def _expects(what: str, error: ErrorDetails) -> str:
-    """Describe a type mismatch; only the input's type is shown, never its value (it may be a secret)."""
-    return f"must be {what} (got {_toml_type(error.get('input'))})"
-
-
-def _bound(op: str, key: str, error: ErrorDetails) -> str:
-    """Describe a range violation; only numbers ever reach range checks, so echoing the input is safe."""
-    limit = _number(error.get("ctx", {}).get(key))
-    return f"must be {op} {limit} (got {_number(error.get('input'))})"
-
-
-def _one_of(error: ErrorDetails) -> str:
-    """Describe a value outside an enumeration."""
-    expected = str(error.get("ctx", {}).get("expected", "")).replace("'", '"')
-    given = error.get("input")
-    shown = _quote(given) if isinstance(given, str) else _toml_type(given)
-    return f"must be one of {expected} (got {shown})"
-
-
-def _too_short(error: ErrorDetails) -> str:
-    """Describe a value that is too short."""
-    minimum = error.get("ctx", {}).get("min_length", 1)
-    return "must not be empty" if minimum == 1 else f"must have at least {minimum} characters"
-
-
-_MESSAGES: dict[str, Callable[[ErrorDetails], str]] = {
-    "missing": lambda error: "missing required key",
-    "extra_forbidden": lambda error: "unknown key",
-    "int_type": partial(_expects, "an integer"),
-    "float_type": partial(_expects, "a number"),
-    "finite_number": lambda error: "must be a finite number",
-    "string_type": partial(_expects, "a string"),
-    "path_type": partial(_expects, "a string"),
-    "bool_type": partial(_expects, "true or false"),
-    "date_type": partial(_expects, "a date like 2026-08-01, unquoted"),
-    "tuple_type": partial(_expects, "an array"),
-    "list_type": partial(_expects, "an array"),
-    "model_type": partial(_expects, "a table"),
-    "model_attributes_type": partial(_expects, "a table"),
-    "dict_type": partial(_expects, "a table"),
-    "greater_than": partial(_bound, ">", "gt"),
-    "greater_than_equal": partial(_bound, ">=", "ge"),
-    "less_than": partial(_bound, "<", "lt"),
-    "less_than_equal": partial(_bound, "<=", "le"),
-    "literal_error": _one_of,
-    "too_short": _too_short,
-    "string_too_short": _too_short,
-}
-
-
-def _problem_lines(error: ErrorDetails) -> list[str]:
-    """Turn one pydantic error into "<key path>: <why>" lines (a cross-field error may hold several)."""
-    loc: Loc = tuple(error.get("loc", ()))
-    if error.get("type") == "cross_field":
-        nested = error.get("ctx", {}).get("problems", ())
-        return [f"{_format_loc(loc + tuple(sub))}: {why}" for sub, why in nested]
-    if error.get("type") == "missing" and len(loc) == 1 and loc[0] in _SECTIONS:
-        return [f"{loc[0]}: missing required table [{loc[0]}]"]
-    describe = _MESSAGES.get(error.get("type", ""))
-    return [f"{_format_loc(loc)}: {describe(error) if describe else error.get('msg', 'invalid value')}"]

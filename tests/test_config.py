@@ -28,7 +28,7 @@ from klaviyo_bridge.config import (
     default_config_path,
     load_config,
 )
-from klaviyo_bridge.config import _problem_lines as problem_lines
+from klaviyo_bridge.config_problems import problem_lines
 from klaviyo_bridge.core import EventKind, Rules
 from klaviyo_bridge.errors import ConfigError
 
