@@ -45,11 +45,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from klaviyo_bridge import logs
-from klaviyo_bridge.config_problems import Loc, escape_controls, format_loc, problem_lines, quote
-from klaviyo_bridge.config_secrets import os_reason, resolve_references
-from klaviyo_bridge.core import DEFAULT_METRIC_NAMES, EventKind, Rules
-from klaviyo_bridge.errors import ConfigError
+from . import logs
+from .config_problems import Loc, escape_controls, format_loc, problem_lines, quote
+from .config_secrets import os_reason, resolve_references
+from .core import DEFAULT_METRIC_NAMES, EventKind, Rules
+from .errors import ConfigError
+from .logs import LogFormat
 
 DEFAULT_CONFIG_PATH = Path("/etc/klaviyo-bridge/config.toml")
 CONFIG_PATH_ENV = "KLAVIYO_BRIDGE_CONFIG"
@@ -61,7 +62,6 @@ _MAX_INT32 = 2**31 - 1
 _MAX_INT64 = 2**63 - 1
 
 LogLevel = Literal["debug", "info", "warning", "error"]
-LogFormat = Literal["text", "json"]
 Grant = Literal["client_credentials", "refresh_token"]
 
 

@@ -19,7 +19,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
-from klaviyo_bridge.orders import STATUS_NAMES, Order, OrderItem, Package
+from .orders import STATUS_NAMES, Order, OrderItem, Package
 
 
 class EventKind(StrEnum):
@@ -414,6 +414,12 @@ def sample_unique_id(kind: EventKind, metric: str) -> str:
     """Return a sample event's ``unique_id``: one per kind and metric name, so a renamed metric gets its own."""
     default = DEFAULT_METRIC_NAMES[kind]
     return f"sample:{kind.value}" if metric == default else f"sample:{kind.value}:{metric}"
+
+
+def order_of_key(key: str) -> str | None:
+    """Return the Whiplash order id an event row's key (``"{order}:{kind}"``) names; None for samples, profiles."""
+    head = key.split(":", 1)[0]
+    return head if head.isdigit() else None
 
 
 def event_kind_of_key(key: str) -> EventKind | None:

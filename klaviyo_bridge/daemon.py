@@ -37,7 +37,7 @@ from .config import CustomerSettings, LoadedConfig, Settings, load_config
 from .errors import ConfigError
 from .health import UpstreamHealth
 from .klaviyo import KlaviyoClient
-from .metrics import Metrics, MetricsServer, NoMetrics, metrics_for, start_metrics_server
+from .metrics import Metrics, MetricsServer, MetricsSink, metrics_for, start_metrics_server
 from .ratelimit import AccountLimiter
 from .store import Store
 from .systemd import Notifier, watchdog_interval
@@ -277,7 +277,7 @@ class Daemon:
         self._whiplash: WhiplashClient | None = None
         self._seen: set[int] = set()
         self._background: list[asyncio.Task[None]] = []
-        self.metrics: Metrics | NoMetrics = metrics_for(self.settings.bridge)
+        self.metrics: MetricsSink = metrics_for(self.settings.bridge)
         # One for the process: every customer's polls spend the same Whiplash application.
         self.whiplash_health = UpstreamHealth("whiplash", metrics=self.metrics)
         self._metrics_server: MetricsServer | None = None

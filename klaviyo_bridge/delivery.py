@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 from . import failpoints, logs
 from .aio import together
 from .clock import WallClock
-from .core import EventKind, event_kind_of_key
+from .core import EventKind, event_kind_of_key, order_of_key
 from .errors import AuthFailed, MalformedPayload, PermanentUpstream, TransientUpstream, UpstreamError
 from .health import UpstreamHealth
 from .klaviyo import (
@@ -100,11 +100,7 @@ def retry_delay(attempts: int) -> timedelta:
 
 def order_of(row: OutboxRow) -> str:
     """Return the order id an outbox row is about, for log lines ("-" for profiles and samples)."""
-    if row.kind == "event":
-        head = row.key.split(":", 1)[0]
-        if head.isdigit():
-            return head
-    return "-"
+    return (order_of_key(row.key) if row.kind == "event" else None) or "-"
 
 
 def row_ref(row: OutboxRow) -> str:

@@ -37,13 +37,13 @@ from backoff.types import Details
 from pydantic import SecretStr
 from yarl import URL
 
-from klaviyo_bridge.errors import (
+from .errors import (
     MalformedPayload,
     TransientUpstream,
     UpstreamError,
 )
-from klaviyo_bridge.http import Reply, body_reason, error_for, exchange, one_line, retry_after
-from klaviyo_bridge.ratelimit import AccountLimiter, Endpoint
+from .http import Reply, body_reason, error_for, exchange, one_line, retry_after
+from .ratelimit import AccountLimiter, Endpoint
 
 log = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ def redact(text: str) -> str:
     return text
 
 
-def _one_line(text: str) -> str:
+def _fold_lines(text: str) -> str:
     """Fold a multi-line text (tracebacks) into one line so each record is one journal entry."""
     return text.replace("\r", "").replace("\n", " | ")
 
@@ -95,7 +95,7 @@ class JournalFormatter(logging.Formatter):
         text = f"{record.name}: {record.getMessage()}"
         if record.exc_info:
             text += " | " + self.formatException(record.exc_info)
-        return f"<{prio}>{redact(_one_line(text))}"
+        return f"<{prio}>{redact(_fold_lines(text))}"
 
 
 class TextFormatter(logging.Formatter):

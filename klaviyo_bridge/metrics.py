@@ -213,7 +213,7 @@ def _remove(metric: Counter | Gauge, *labels: str) -> None:
         return
 
 
-def metrics_for(bridge: BridgeSettings) -> Metrics | NoMetrics:
+def metrics_for(bridge: BridgeSettings) -> MetricsSink:
     """Return a live ``Metrics`` when ``metrics_listen`` is set, else the no-op sink.
 
     The poll interval is exported from the start: the stalled-poll alert compares against 3 × it, and a 0

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from . import logs
 from .clock import utcnow
 from .config import load_or_report
-from .core import midnight_utc
+from .core import midnight_utc, order_of_key
 from .errors import BridgeError, StoreError
 from .exits import CONFIG_HELP, EX_CONFIG, EX_FATAL, EX_OK, EX_TEMPFAIL, EX_USAGE
 
@@ -164,8 +164,7 @@ async def _dead_rows(settings: Settings, customer_id: int | None) -> list[DeadRo
 
 def order_id_of(kind: str, key: str) -> str | None:
     """Return the Whiplash order id of an event row (its unique_id is "{order}:{event}"), else None."""
-    head = key.split(":", 1)[0]
-    return head if kind == "event" and head.isdigit() else None
+    return order_of_key(key) if kind == "event" else None
 
 
 def response_excerpt(response: str, limit: int = EXCERPT_CHARS) -> str:

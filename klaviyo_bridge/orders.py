@@ -24,7 +24,7 @@ from typing import Any, TypeGuard
 
 from email_validator import EmailNotValidError, validate_email
 
-from klaviyo_bridge.errors import MalformedOrder
+from .errors import MalformedOrder
 
 # Whiplash v2 `status` → `status_name` (whiplash-api.md §4, ApiV2EntitiesOrder.status enum).
 STATUS_NAMES: Mapping[int, str] = {

@@ -46,7 +46,7 @@ def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
-def _one_line(text: str) -> str:
+def _no_newlines(text: str) -> str:
     """Keep a STATUS= value on one line (a newline would start a new assignment)."""
     return " ".join(text.split())
 
@@ -99,7 +99,7 @@ class Notifier:
 
     def status(self, text: str) -> bool:
         """Set the one-line status shown by ``systemctl status``."""
-        return self.send(f"STATUS={_one_line(text)}")
+        return self.send(f"STATUS={_no_newlines(text)}")
 
     def watchdog(self) -> bool:
         """Ping the service watchdog."""
@@ -114,4 +114,4 @@ class Notifier:
     @staticmethod
     def _status(text: str | None) -> tuple[str, ...]:
         """Return the STATUS= assignment for ``text``, if any."""
-        return () if text is None else (f"STATUS={_one_line(text)}",)
+        return () if text is None else (f"STATUS={_no_newlines(text)}",)

@@ -29,10 +29,10 @@ import backoff
 from backoff.types import Details
 from pydantic import SecretStr
 
-from klaviyo_bridge import failpoints, logs
-from klaviyo_bridge.clock import Epoch
-from klaviyo_bridge.config import Grant, WhiplashSettings
-from klaviyo_bridge.errors import (
+from . import failpoints, logs
+from .clock import Epoch
+from .config import Grant, WhiplashSettings
+from .errors import (
     AuthFailed,
     BridgeError,
     ConfigError,
@@ -40,8 +40,8 @@ from klaviyo_bridge.errors import (
     MalformedPayload,
     TransientUpstream,
 )
-from klaviyo_bridge.http import Reply, body_reason, error_for, exchange, one_line, retry_after, scrub
-from klaviyo_bridge.orders import Order, order_key, parse_order
+from .http import Reply, body_reason, error_for, exchange, one_line, retry_after, scrub
+from .orders import Order, order_key, parse_order
 
 log = logging.getLogger(__name__)
 

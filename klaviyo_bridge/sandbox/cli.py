@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from klaviyo_bridge.sandbox.world import (
+from .world import (
     CLIENT_ID,
     CLIENT_SECRET,
     REVISION,

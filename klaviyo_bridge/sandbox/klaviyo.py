@@ -52,10 +52,10 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from klaviyo_bridge.sandbox._server import quiet_disconnects, serve_app
-from klaviyo_bridge.sandbox.control import CONTROL_PREFIX, ControlRoute, index_handler, index_route, model_fields
-from klaviyo_bridge.sandbox.filters import Condition, FilterError, parse_filter, parse_rfc3339
-from klaviyo_bridge.sandbox.openapi import BodyChecker, Problem, SpecChecker, default_spec_path, make_checker
+from ._server import quiet_disconnects, serve_app
+from .control import CONTROL_PREFIX, ControlRoute, index_handler, index_route, model_fields
+from .filters import Condition, FilterError, parse_filter, parse_rfc3339
+from .openapi import BodyChecker, Problem, SpecChecker, default_spec_path, make_checker
 
 log = logging.getLogger(__name__)
 

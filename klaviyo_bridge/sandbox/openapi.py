@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from klaviyo_bridge.sandbox.filters import FILTER_OPERATIONS, HAND_FILTERS, FilterTable, declared_filters
+from .filters import FILTER_OPERATIONS, HAND_FILTERS, FilterTable, declared_filters
 
 log = logging.getLogger(__name__)
 

@@ -65,9 +65,9 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from klaviyo_bridge.sandbox._server import CLIENT_CLOSED, quiet_disconnects, serve_app
-from klaviyo_bridge.sandbox.control import ControlRoute, index_handler, index_route
-from klaviyo_bridge.sandbox.whiplash_webhooks import (
+from ._server import CLIENT_CLOSED, quiet_disconnects, serve_app
+from .control import ControlRoute, index_handler, index_route
+from .whiplash_webhooks import (
     ORDER_CREATED,
     ORDER_UPDATED,
     NotificationApi,

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # the simulators (aiohttp, pydantic) load only when a sandbox is built: `status` stays fast
-    from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo
-    from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, OrderScript, StatusChange
+    from .klaviyo import FakeKlaviyo
+    from .whiplash import FakeWhiplash, OrderScript, StatusChange
 
 CLIENT_ID = "sandbox-client"
 CLIENT_SECRET = "sandbox-client-secret-0001"  # the simulator's own credential; printed on purpose
@@ -102,8 +102,8 @@ def build_sandbox(
     spec_path: Path | Literal["auto"] | None = "auto",
 ) -> Sandbox:
     """Create the simulators: order history over ``days`` per customer, one Klaviyo account per customer."""
-    from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo
-    from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, OrderScript
+    from .klaviyo import FakeKlaviyo
+    from .whiplash import FakeWhiplash, OrderScript
 
     whiplash = FakeWhiplash(CLIENT_ID, CLIENT_SECRET, seed=seed)
     klaviyo = FakeKlaviyo(spec_path=spec_path, seed=seed)
@@ -132,8 +132,8 @@ async def serve_sandbox(
     sandbox: Sandbox, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = False,
 ) -> AsyncIterator[SandboxUrls]:
     """Serve Whiplash on ``port`` and Klaviyo on ``port + 1`` (both free ports when ``port`` is 0)."""
-    from klaviyo_bridge.sandbox.klaviyo import serve_klaviyo
-    from klaviyo_bridge.sandbox.whiplash import serve_whiplash
+    from .klaviyo import serve_klaviyo
+    from .whiplash import serve_whiplash
 
     async with AsyncExitStack() as stack:
         w_url = await stack.enter_async_context(serve_whiplash(sandbox.whiplash, host, port, access_log=access_log))
