@@ -5,8 +5,9 @@ Invariants kept here:
   problem it found, one line each, as ``"<key path>: <why>"``; no TOML input produces any other exception.
 - Secret values are only ever held as ``SecretStr``; no problem line, warning, repr or str shows one
   (a literal secret is never echoed either, only reported as a warning).
-- The TOML file is the only source of settings (no hidden environment overrides); the environment is
-  consulted solely to resolve ``env:`` and ``credential:`` secret references.
+- The TOML file is the source of settings; the environment only overrides ``[bridge]`` keys
+  (``KLAVIYO_BRIDGE_LOG_LEVEL=debug``, see ``config_env``; a bad override is reported naming its variable) and
+  resolves ``env:`` and ``credential:`` secret references.
 - Secrets are resolved only for commands that talk to an API (``resolve_secrets=True``), and then only for
   the Whiplash application and the *enabled* customers: ``status`` and ``dead-letters`` read the config
   and the state DB with no secret at hand, and a disabled customer's missing credential blocks nothing.
@@ -23,7 +24,7 @@ import os
 import re
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -46,6 +47,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from . import logs
+from .config_env import bridge_overrides, variable_for
 from .config_problems import Loc, escape_controls, format_loc, problem_lines, quote
 from .config_secrets import os_reason, resolve_references
 from .core import DEFAULT_METRIC_NAMES, EventKind, Rules
@@ -472,8 +474,10 @@ def load_config(
     """
     env = os.environ if environ is None else environ
     raw = _read_toml(path)
+    overridden = _apply_environment(raw, env)
     secret_problems, warnings = resolve_references(raw, env, resolve=resolve_secrets)
     settings, problems = _validate(raw)
+    problems = [_name_variable(line, overridden) for line in problems]
     problems += secret_problems
     if settings is not None and check_state_folder:
         problems += _state_folder_problems(settings.bridge.state_path)
@@ -536,6 +540,25 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([escape_controls(f"{path}: invalid TOML: {exc}")]) from None
     except RecursionError:
         raise ConfigError([escape_controls(f"{path}: invalid TOML: nested too deeply")]) from None
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Put the environment's ``[bridge]`` overrides into ``raw``; return the keys they set."""
+    overrides = bridge_overrides(environ)
+    bridge = raw.get("bridge")
+    if overrides and isinstance(bridge, dict):
+        bridge.update(overrides)
+    elif overrides and bridge is None:
+        raw["bridge"] = dict(overrides)
+    return list(overrides)
+
+
+def _name_variable(line: str, overridden: Sequence[str]) -> str:
+    """Say which environment variable a problem of an overridden ``[bridge]`` key came from."""
+    for key in overridden:
+        if line.startswith(f"bridge.{key}: "):
+            return line.replace(f"bridge.{key}: ", f"bridge.{key} (from {variable_for(key)}): ", 1)
+    return line
 
 
 def _validate(raw: dict[str, Any]) -> tuple[Settings | None, list[str]]:

@@ -1163,3 +1163,43 @@ def test_an_empty_choice_is_valid_and_distinct_names_across_customers_are_fine(t
         customer(whiplash_customer_id=2, metrics={"shipped": "Shipped!"}, events=[]),
     ]})
     assert [c.metrics.shipped for c in loaded.settings.customers] == ["Shipped!", "Shipped!"]
+
+
+# --- [bridge] overrides from the environment ----------------------------------------------------------------
+
+
+def test_bridge_keys_can_be_overridden_from_the_environment(tmp_path: Path) -> None:
+    """1. KLAVIYO_BRIDGE_LOG_LEVEL, _POLL_INTERVAL_SECONDS and _METRICS_LISTEN set (any case), plus variables that
+    are not [bridge] keys. Result: those three override the file; nothing else changes; the config path variable
+    and unknown ones are ignored."""
+    env = {**ENV, "KLAVIYO_BRIDGE_LOG_LEVEL": "debug", "klaviyo_bridge_poll_interval_seconds": "30",
+           "KLAVIYO_BRIDGE_METRICS_LISTEN": "127.0.0.1:9100", "KLAVIYO_BRIDGE_CONFIG": "/elsewhere.toml",
+           "KLAVIYO_BRIDGE_CLIENT_SECRET": "nope"}
+    bridge = load(tmp_path, env=env).settings.bridge
+    assert (bridge.log_level, bridge.poll_interval_seconds, bridge.metrics_listen) == ("debug", 30.0,
+                                                                                       "127.0.0.1:9100")
+    assert bridge.state_path == Path("/var/lib/klaviyo-bridge/state.db")
+    assert load(tmp_path).settings.bridge.log_level == "info"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("KLAVIYO_BRIDGE_LOG_LEVEL", "loud",
+         'bridge.log_level (from KLAVIYO_BRIDGE_LOG_LEVEL): must be one of "debug", "info", "warning" or "error" '
+         '(got "loud")'),
+        ("KLAVIYO_BRIDGE_POLL_INTERVAL_SECONDS", "often",
+         "bridge.poll_interval_seconds (from KLAVIYO_BRIDGE_POLL_INTERVAL_SECONDS): must be a number (got string)"),
+        ("KLAVIYO_BRIDGE_SHUTDOWN_GRACE_SECONDS", "0",
+         "bridge.shutdown_grace_seconds (from KLAVIYO_BRIDGE_SHUTDOWN_GRACE_SECONDS): must be > 0 (got 0)"),
+    ],
+)
+def test_a_bad_override_names_its_variable(tmp_path: Path, variable: str, value: str, problem: str) -> None:
+    assert problems(tmp_path, env={**ENV, variable: value}) == [problem]
+
+
+def test_overrides_apply_even_without_a_bridge_table(tmp_path: Path) -> None:
+    """1. A file whose [bridge] table is missing; the state path comes from the environment. Result: valid."""
+    path = write(tmp_path, {"bridge": DROP})
+    loaded = load_config(path, {**ENV, "KLAVIYO_BRIDGE_STATE_PATH": str(tmp_path / "s.db")}, today=TODAY)
+    assert loaded.settings.bridge.state_path == tmp_path / "s.db"
