@@ -86,11 +86,11 @@ class WorkerPool:
         """Return the workers currently running."""
         return [r.worker for r in self.running.values()]
 
-    def start(self, worker: CustomerWorker) -> None:
-        """Run ``worker`` once any retiring worker of the same customer has finished."""
+    def start(self, worker: CustomerWorker, *, burst: bool = False) -> None:
+        """Run ``worker`` once any retiring worker of the same customer has finished (a burst: one pass)."""
         stop = asyncio.Event()
         before = self._retiring.get(worker.cid)
-        task = asyncio.create_task(self._run(worker, stop, before), name=f"customer-{worker.cid}")
+        task = asyncio.create_task(self._run(worker, stop, before, burst), name=f"customer-{worker.cid}")
         task.add_done_callback(lambda t: self._crashed(worker, t))
         self.running[worker.cid] = RunningWorker(worker, stop, task)
         self._track(task)
@@ -116,15 +116,19 @@ class WorkerPool:
         await asyncio.gather(*left, return_exceptions=True)
         return len(left)
 
+    async def join(self) -> None:
+        """Wait until every running worker has ended (burst workers end by themselves)."""
+        await asyncio.gather(*(r.task for r in self.running.values()), return_exceptions=True)
+
     @staticmethod
-    async def _run(worker: CustomerWorker, stop: asyncio.Event, before: asyncio.Task[None] | None) -> None:
-        """Wait for the predecessor, then run the poller and the sender together."""
+    async def _run(
+        worker: CustomerWorker, stop: asyncio.Event, before: asyncio.Task[None] | None, burst: bool
+    ) -> None:
+        """Wait for the predecessor, then run the worker's poller and sender."""
         if before is not None:
             await asyncio.wait({before})  # asyncio.wait: being cancelled here must not cancel ``before``
             worker.progress = time.monotonic()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(worker.run_poller(stop), name=f"poll-{worker.cid}")
-            group.create_task(worker.run_sender(stop), name=f"send-{worker.cid}")
+        await worker.run(stop, burst=burst)
 
     def _crashed(self, worker: CustomerWorker, task: asyncio.Task[None]) -> None:
         """Report a worker that ended with an exception (its loops catch everything, so this is a bug)."""
@@ -270,7 +274,6 @@ class Daemon:
         self.force = asyncio.Event()
         self.force_exit = False
         self.exit_code = 0
-        self.workers: list[CustomerWorker] = []  # ``once`` mode only
         self.pool = WorkerPool(self._worker_crashed)
         self._store: Store | None = None
         self._sessions: list[aiohttp.ClientSession] = []
@@ -299,7 +302,7 @@ class Daemon:
         return self.exit_code
 
     async def startup(self) -> None:
-        """Open the state DB and HTTP sessions (and, with ``once``, build the workers)."""
+        """Open the state DB and the HTTP sessions."""
         s = self.settings
         self._store = await Store.open(s.bridge.state_path)
         whiplash_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.whiplash.timeout_seconds))
@@ -310,8 +313,6 @@ class Daemon:
         self._sessions = [whiplash_session, klaviyo_session]
         self._whiplash = WhiplashClient.from_settings(s.whiplash, whiplash_session, self._store)
         await self._start_metrics()
-        if self.once:
-            self.workers = [self._build_worker(c) for c in s.enabled_customers()]
         log.info("started customers=%d state=%s once=%s", len(s.enabled_customers()), s.bridge.state_path,
                  self.once)
 
@@ -352,12 +353,12 @@ class Daemon:
                               self.whiplash_health)
 
     async def main_loop(self) -> None:
-        """Run every worker (in ``once`` mode a single pass each); reload on SIGHUP until stopped."""
-        if self.once:
-            await asyncio.gather(*(w.run_once() for w in self.workers))
-            return
+        """Run every worker until stopped, reloading on SIGHUP; with ``once``, one burst each (the same loop)."""
         for customer in self.settings.enabled_customers():
-            self.pool.start(self._build_worker(customer))
+            self.pool.start(self._build_worker(customer), burst=self.once)
+        if self.once:
+            await self.pool.join()
+            return
         self._start_background()
         self.notifier.ready(f"running customers={len(self.pool.running)}")
         while not self.stop.is_set():

@@ -273,24 +273,30 @@ class CustomerWorker:
                       "retried next cycle; check the state DB's disk (space, permissions, other processes "
                       "holding it); a row sent but not marked goes out again under its unique_id")
 
-    async def run_once(self) -> None:
-        """Poll once and deliver everything deliverable now (``run --once``), sending while the poll walks."""
+    async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
+        """Poll and deliver until ``stop`` is set; in a burst (``run --once``), one poll, then what is due now.
+
+        One loop, two modes (arq's burst): the burst runs the same poller cycle and the same sender, which delivers
+        each committed page's rows while the poll walks and stops after one last delivery once the poll is done.
+        """
+        if not burst:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.run_poller(stop), name=f"poll-{self.cid}")
+                group.create_task(self.run_sender(stop), name=f"send-{self.cid}")
+            return
         polled = asyncio.Event()
-        sender = asyncio.create_task(self._send_until(polled))
+        sender = asyncio.create_task(self.run_sender(stop, burst=polled), name=f"send-{self.cid}")
         try:
-            stats = await self.poll_cycle()
+            stats = await guarded(self.poll_cycle(), f"poll customer={self.cid}")
         finally:
             polled.set()
             await sender
-        await self.deliver_cycle()
-        self.summarise(stats)
+        self.progress, self.last_cycle_at = time.monotonic(), self.clock()
+        self.summarise(stats or SyncStats())
 
-    async def _send_until(self, done: asyncio.Event) -> None:
-        """Deliver each committed page's rows while the poll goes on, so sending overlaps fetching."""
-        while not done.is_set() and not self.deliverer.key_refused:
-            self.wake.clear()
-            await self.deliver_cycle()
-            await wait_any(done, self.wake, None)
+    async def run_once(self) -> None:
+        """Run one burst: poll once and deliver everything deliverable now."""
+        await self.run(asyncio.Event(), burst=True)
 
     async def run_poller(self, stop: asyncio.Event) -> None:
         """Poll on a drift-free schedule until ``stop`` is set."""
@@ -306,17 +312,27 @@ class CustomerWorker:
             next_tick = max(next_tick, time.monotonic())
             await sleep_unless(stop, next_tick - time.monotonic())
 
-    async def run_sender(self, stop: asyncio.Event) -> None:
-        """Deliver whenever rows are queued or come due, until ``stop`` is set."""
-        probe = self.settings.klaviyo.key_probe_seconds
+    async def run_sender(self, stop: asyncio.Event, *, burst: asyncio.Event | None = None) -> None:
+        """Deliver whenever rows are queued or come due, until ``stop`` is set.
+
+        With ``burst`` (set when the burst's poll is done) it delivers each committed page as it comes, makes one
+        last delivery once the poll is done and returns; it neither waits for later retries nor probes a refused key.
+        """
         while not stop.is_set():
+            last = burst is not None and burst.is_set()
             self.wake.clear()
             await guarded(self.deliver_cycle(), f"deliver customer={self.cid}")
-            if self.deliverer.key_refused:
-                await sleep_unless(stop, probe)
+            if last:
+                return
+            if burst is not None and self.deliverer.key_refused:
+                await burst.wait()
+            elif burst is not None:
+                await wait_any(burst, self.wake, None)
+            elif self.deliverer.key_refused:
+                await sleep_unless(stop, self.settings.klaviyo.key_probe_seconds)
                 self.deliverer.key_refused = False
-                continue
-            await wait_any(stop, self.wake, await self._until_next_due())
+            else:
+                await wait_any(stop, self.wake, await self._until_next_due())
 
     async def _until_next_due(self) -> float:
         """Return seconds until the earliest rescheduled row is due (at most a minute, to stay responsive)."""
