@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import aioresponses
+from kit.fakeclock import FakeClock
 from pydantic import SecretStr
 
 from klaviyo_bridge.aio import together
@@ -45,20 +46,6 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 WHEN = (NOW - timedelta(days=3)).isoformat()
 
 
-class FakeTime:
-    """A monotonic clock that moves only when the limiter sleeps on it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
-        await asyncio.sleep(0)
-
-
 @dataclass
 class World:
     """The simulator, its account, the store and a deliverer wired to both."""
@@ -73,7 +60,7 @@ class World:
 
     def client(self, **options: Any) -> KlaviyoClient:
         """Return a Klaviyo client with fast retries and job polls, paced on a fake clock."""
-        time = FakeTime()
+        time = FakeClock()
         settings: dict[str, Any] = {"max_tries": 2, "backoff_base": 0.001, "job_poll": (0.01, 0.05)} | options
         limiter = AccountLimiter(1.0, clock=time.clock, sleep=time.sleep)
         return KlaviyoClient(
@@ -456,7 +443,7 @@ async def test_import_errors_follow_the_cursor_pages(mocked: aioresponses) -> No
 
     mocked.get(f"{base}?page%5Bsize%5D=100", payload={"data": [error(0)], "links": {"next": following}})
     mocked.get(following, payload={"data": [error(4)], "links": {"next": None}})
-    time = FakeTime()
+    time = FakeClock()
     async with aiohttp.ClientSession() as session:
         client = KlaviyoClient(session, base_url="https://a.klaviyo.com", revision=REVISION, api_key=SecretStr(KEY),
                                limiter=AccountLimiter(1.0, clock=time.clock, sleep=time.sleep))

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from contribkit import (
+from kit.contribkit import (
     RULE_TESTS,
     RULES,
     alerting_rules,

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import aioresponses
-from fakeclock import FakeTime
+from kit.fakeclock import FakeClock
 from pydantic import SecretStr
 from yarl import URL
 
@@ -61,8 +61,8 @@ PAYLOAD: dict[str, Any] = {
 
 
 @pytest.fixture
-def fake() -> FakeTime:
-    return FakeTime()
+def fake() -> FakeClock:
+    return FakeClock()
 
 
 
@@ -74,11 +74,11 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def client(session: aiohttp.ClientSession, fake: FakeTime) -> KlaviyoClient:
+def client(session: aiohttp.ClientSession, fake: FakeClock) -> KlaviyoClient:
     return make_client(session, fake)
 
 
-def make_client(session: aiohttp.ClientSession, fake: FakeTime, **overrides: Any) -> KlaviyoClient:
+def make_client(session: aiohttp.ClientSession, fake: FakeClock, **overrides: Any) -> KlaviyoClient:
     options: dict[str, Any] = {"max_tries": 4, "max_time": 60, "backoff_base": 0.001} | overrides
     limiter = AccountLimiter(1.0, clock=fake.clock, sleep=fake.sleep)
     return KlaviyoClient(
@@ -351,7 +351,7 @@ async def test_create_event_posts_the_built_body(mocked: aioresponses, client: K
 
 
 async def test_429_with_retry_after_waits_then_succeeds(
-    mocked: aioresponses, client: KlaviyoClient, fake: FakeTime, caplog: pytest.LogCaptureFixture
+    mocked: aioresponses, client: KlaviyoClient, fake: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="klaviyo_bridge")
     throttled = errors_body(429, "throttled", "Request was throttled.")
@@ -367,7 +367,7 @@ async def test_429_with_retry_after_waits_then_succeeds(
 
 
 async def test_429_hint_in_body_is_used_when_header_missing(
-    mocked: aioresponses, session: aiohttp.ClientSession, fake: FakeTime
+    mocked: aioresponses, session: aiohttp.ClientSession, fake: FakeClock
 ) -> None:
     client = make_client(session, fake, max_tries=1)
     detail = "Request was throttled. Expected available in 3 seconds."
@@ -384,7 +384,7 @@ async def test_429_hint_in_body_is_used_when_header_missing(
 
 
 async def test_retry_after_beyond_the_budget_gives_up_at_once(
-    mocked: aioresponses, client: KlaviyoClient, fake: FakeTime
+    mocked: aioresponses, client: KlaviyoClient, fake: FakeClock
 ) -> None:
     mocked.post(LISTS, status=429, headers={"Retry-After": "3600"}, body=errors_body(429, "throttled", "day"))
 
@@ -498,7 +498,7 @@ async def test_malformed_success_body_raises_malformed_payload(
 
 
 async def test_ratelimit_headers_slow_the_next_request(
-    mocked: aioresponses, client: KlaviyoClient, fake: FakeTime
+    mocked: aioresponses, client: KlaviyoClient, fake: FakeClock
 ) -> None:
     mocked.post(EVENTS, status=202, headers={"RateLimit-Remaining": "0", "RateLimit-Reset": "30"})
     mocked.post(EVENTS, status=202)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from fakeclock import FakeTime
+from kit.fakeclock import FakeClock
 from pydantic import SecretStr
 
 from klaviyo_bridge.klaviyo import KlaviyoClient
@@ -29,11 +29,11 @@ SHARES = [0.5, 0.8, 0.95]
 
 
 @pytest.fixture
-def fake() -> FakeTime:
-    return FakeTime()
+def fake() -> FakeClock:
+    return FakeClock()
 
 
-def limiter(fake: FakeTime, share: float = 0.5) -> AccountLimiter:
+def limiter(fake: FakeClock, share: float = 0.5) -> AccountLimiter:
     return AccountLimiter(share, clock=fake.clock, sleep=fake.sleep)
 
 
@@ -47,7 +47,7 @@ def rate(share: float, limit: int, period: float) -> float:
     return min(share * limit, limit - capacity(share, limit)) / period
 
 
-async def demand(lim: AccountLimiter, fake: FakeTime, endpoint: Endpoint, until: float) -> list[float]:
+async def demand(lim: AccountLimiter, fake: FakeClock, endpoint: Endpoint, until: float) -> list[float]:
     """Run several always-hungry workers until the fake clock passes ``until``; return grant times."""
     grants: list[float] = []
 
@@ -83,7 +83,7 @@ def assert_within_published(grants: list[float], endpoint: Endpoint) -> None:
 @pytest.mark.parametrize("endpoint", list(Endpoint))
 @pytest.mark.parametrize("share", SHARES)
 async def test_saturating_demand_never_exceeds_published_limits_and_uses_the_share(
-    fake: FakeTime, share: float, endpoint: Endpoint
+    fake: FakeClock, share: float, endpoint: Endpoint
 ) -> None:
     """1. Hungry workers run for 180 simulated seconds from full buckets.
     Result: no fixed (aligned) and no sliding 1 s or 60 s window exceeds the published limit, even
@@ -100,7 +100,7 @@ async def test_saturating_demand_never_exceeds_published_limits_and_uses_the_sha
 
 @pytest.mark.parametrize("share", SHARES)
 async def test_full_bucket_after_an_idle_spell_stays_within_published_limits(
-    fake: FakeTime, share: float
+    fake: FakeClock, share: float
 ) -> None:
     """2. Saturate for 90 s, go idle until the buckets are full again, then saturate mid-window.
     Result: every window straddling the resumption still holds at most the published limits."""
@@ -117,7 +117,7 @@ async def test_full_bucket_after_an_idle_spell_stays_within_published_limits(
     assert_within_published(before + after, endpoint)
 
 
-async def test_observe_lowers_the_steady_bucket_to_the_remaining_quota(fake: FakeTime) -> None:
+async def test_observe_lowers_the_steady_bucket_to_the_remaining_quota(fake: FakeClock) -> None:
     """3. The server says only 2 requests remain (no reset given).
     Result: two requests go at once; the third waits exactly one steady refill."""
     share, steady = 0.5, LIMITS[Endpoint.PROFILE_IMPORT].steady
@@ -131,7 +131,7 @@ async def test_observe_lowers_the_steady_bucket_to_the_remaining_quota(fake: Fak
     assert fake.now == pytest.approx(1 / rate(share, steady, STEADY_PERIOD))
 
 
-async def test_observe_with_reset_grants_no_more_than_remaining_before_the_reset(fake: FakeTime) -> None:
+async def test_observe_with_reset_grants_no_more_than_remaining_before_the_reset(fake: FakeClock) -> None:
     """4. Lower-case headers: 3 remain, the server window resets in 10 s.
     Result: at most 3 grants before the reset, and pacing at the steady rate resumes afterwards."""
     share, steady = 0.5, LIMITS[Endpoint.LIST_ADD].steady
@@ -145,7 +145,7 @@ async def test_observe_with_reset_grants_no_more_than_remaining_before_the_reset
     assert len([t for t in grants if t >= 10.0]) >= paced
 
 
-async def test_observe_never_raises_the_bucket(fake: FakeTime) -> None:
+async def test_observe_never_raises_the_bucket(fake: FakeClock) -> None:
     """5. The server empties the steady bucket, then reports plenty remaining.
     Result: the next request still waits exactly for our own steady refill."""
     share, steady = 0.5, LIMITS[Endpoint.LIST_ADD].steady
@@ -158,7 +158,7 @@ async def test_observe_never_raises_the_bucket(fake: FakeTime) -> None:
     assert fake.now == pytest.approx(1 / rate(share, steady, STEADY_PERIOD))
 
 
-async def test_observe_ignores_missing_or_garbage_headers(fake: FakeTime) -> None:
+async def test_observe_ignores_missing_or_garbage_headers(fake: FakeClock) -> None:
     """6. Responses without usable RateLimit headers.
     Result: the full burst capacity is still available without waiting."""
     lim = limiter(fake)
@@ -172,7 +172,7 @@ async def test_observe_ignores_missing_or_garbage_headers(fake: FakeTime) -> Non
     assert fake.sleeps == []
 
 
-async def test_penalize_blocks_the_endpoint_until_expiry(fake: FakeTime) -> None:
+async def test_penalize_blocks_the_endpoint_until_expiry(fake: FakeClock) -> None:
     """7. A 429 penalty of 5 s, then a shorter one that must not shorten it.
     Result: the next request goes exactly at the 5 s mark, other endpoints go at once."""
     lim = limiter(fake)
@@ -185,7 +185,7 @@ async def test_penalize_blocks_the_endpoint_until_expiry(fake: FakeTime) -> None
     assert fake.now == pytest.approx(5.0)
 
 
-async def test_penalty_applies_to_a_waiter_already_sleeping(fake: FakeTime) -> None:
+async def test_penalty_applies_to_a_waiter_already_sleeping(fake: FakeClock) -> None:
     """8. A waiter sleeps for a burst refill while a 429 penalty of 30 s arrives.
     Result: it wakes, sees the penalty, and goes exactly when the penalty expires."""
     share = 0.5
@@ -203,7 +203,7 @@ async def test_penalty_applies_to_a_waiter_already_sleeping(fake: FakeTime) -> N
     assert fake.now == pytest.approx(penalized_at + 30.0)
 
 
-async def test_endpoints_and_accounts_are_independent(fake: FakeTime) -> None:
+async def test_endpoints_and_accounts_are_independent(fake: FakeClock) -> None:
     """9. Drain one account's list-add burst bucket.
     Result: the same endpoint of another account and another endpoint of this one go at once;
     only the drained one waits."""
@@ -218,7 +218,7 @@ async def test_endpoints_and_accounts_are_independent(fake: FakeTime) -> None:
     assert fake.sleeps != []
 
 
-async def test_tiny_share_still_admits_a_request_every_steady_window(fake: FakeTime) -> None:
+async def test_tiny_share_still_admits_a_request_every_steady_window(fake: FakeClock) -> None:
     """10. share 0.01 of 10/s, 150/min: less than one token per burst window, 1.5 per minute.
     Result: the first request goes at once and every fixed minute of 40 admits at least one request,
     yet no window exceeds the published limits."""
@@ -233,7 +233,7 @@ async def test_tiny_share_still_admits_a_request_every_steady_window(fake: FakeT
     assert_within_published(grants, Endpoint.LISTS_CREATE)
 
 
-async def test_share_near_one_still_holds_one_whole_token(fake: FakeTime) -> None:
+async def test_share_near_one_still_holds_one_whole_token(fake: FakeClock) -> None:
     """11. share 0.95 of 10/s leaves half a token of burst capacity, clamped up to one.
     Result: the first request goes at once, the second after exactly one burst refill."""
     share, burst = 0.95, LIMITS[Endpoint.LIST_ADD].burst
@@ -246,7 +246,7 @@ async def test_share_near_one_still_holds_one_whole_token(fake: FakeTime) -> Non
     assert fake.now == pytest.approx(1 / rate(share, burst, BURST_PERIOD))
 
 
-async def test_concurrent_waiters_are_served_in_order_one_refill_each(fake: FakeTime) -> None:
+async def test_concurrent_waiters_are_served_in_order_one_refill_each(fake: FakeClock) -> None:
     """12. Three tasks wait on a drained burst bucket (the steady bucket still holds plenty).
     Result: they are granted in arrival order, one burst refill apart."""
     share, burst = 0.5, LIMITS[Endpoint.LIST_ADD].burst
@@ -272,7 +272,7 @@ def test_share_outside_unit_interval_is_refused(share: float) -> None:
         AccountLimiter(share)
 
 
-async def test_whole_share_is_accepted_and_keeps_one_token_of_burst(fake: FakeTime) -> None:
+async def test_whole_share_is_accepted_and_keeps_one_token_of_burst(fake: FakeClock) -> None:
     """13. share 1 (config allows rate_limit_share = 1): each bucket holds its one-token floor.
     Result: the refill is trimmed to limit - 1 per window (9 per second, 149 per minute), so the second
     request waits one steady refill and no window ever holds more than the published limit."""
@@ -286,7 +286,7 @@ async def test_whole_share_is_accepted_and_keeps_one_token_of_burst(fake: FakeTi
     assert_within_published(grants, Endpoint.LIST_ADD)
 
 
-async def test_vanishing_share_waits_instead_of_dividing_by_zero(fake: FakeTime) -> None:
+async def test_vanishing_share_waits_instead_of_dividing_by_zero(fake: FakeClock) -> None:
     """14. share 1e-12 (valid config): (1 - share) × limit rounds to the whole limit.
     Result: the bucket still refills (slowly); a drained one makes the caller wait, it never raises."""
     lim = limiter(fake, share=1e-12)
@@ -301,7 +301,7 @@ async def test_vanishing_share_waits_instead_of_dividing_by_zero(fake: FakeTime)
 
 
 @pytest.mark.parametrize(("seconds", "waited"), [(0.25, 0.25), (0.0, 0.0), (-3.0, 0.0)])
-async def test_sub_second_penalty_waits_exactly_that_long(fake: FakeTime, seconds: float, waited: float) -> None:
+async def test_sub_second_penalty_waits_exactly_that_long(fake: FakeClock, seconds: float, waited: float) -> None:
     """15. A 429 with Retry-After 0.25 s (or 0, or a nonsense negative hint).
     Result: the endpoint waits exactly that long, never a rounded-up second, never a negative time."""
     lim = limiter(fake)
@@ -313,7 +313,7 @@ async def test_sub_second_penalty_waits_exactly_that_long(fake: FakeTime, second
     assert all(s > 0 for s in fake.sleeps)
 
 
-async def test_quota_and_penalty_are_logged_at_debug(fake: FakeTime, caplog: pytest.LogCaptureFixture) -> None:
+async def test_quota_and_penalty_are_logged_at_debug(fake: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     """16. The server reports exactly what we hold, then less; then a 429 penalty.
     Result: one debug line for the lower quota (nothing when it matches ours) and one for the penalty."""
     caplog.set_level(logging.DEBUG, logger="klaviyo_bridge.ratelimit")

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from bridgekit import eventually
+from kit.bridgekit import eventually
 from yarl import URL
 
 from klaviyo_bridge.sandbox._server import serve_app

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from kit.fakeclock import FakeClock
 
 from klaviyo_bridge.sandbox.filters import FILTER_OPERATIONS
 from klaviyo_bridge.sandbox.klaviyo import EventMatch, FakeKlaviyo, Limits, ProfileMatch, serve_klaviyo
@@ -31,19 +32,6 @@ SPEC = default_spec_path()
 needs_spec = pytest.mark.skipif(
     SPEC is None, reason="Klaviyo OpenAPI spec (shared/klaviyo-openapi/stable.json) absent"
 )
-
-
-class Clock:
-    """A settable clock for rate-limit windows, job delays and timestamps."""
-
-    def __init__(self, start: float = START) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Reply:
@@ -147,12 +135,12 @@ def import_job_body(emails: list[str | None], list_id: str | None = None) -> dic
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(START)
 
 
 @pytest.fixture
-def fake(clock: Clock) -> FakeKlaviyo:
+def fake(clock: FakeClock) -> FakeKlaviyo:
     simulator = FakeKlaviyo(clock=clock, seed=7)
     simulator.add_account(KEY, "shop")
     return simulator
@@ -300,7 +288,7 @@ async def test_without_unique_id_the_time_to_the_second_is_the_key(api: Api, fak
     assert shop.duplicate_events == 1
 
 
-async def test_event_without_time_uses_the_receipt_time(api: Api, fake: FakeKlaviyo, clock: Clock) -> None:
+async def test_event_without_time_uses_the_receipt_time(api: Api, fake: FakeKlaviyo, clock: FakeClock) -> None:
     await api.post("/api/events", event_body(when=None))
 
     [event] = fake.account("shop").events
@@ -433,7 +421,7 @@ async def test_list_paging_is_capped_at_ten_with_cursor_links(api: Api, fake: Fa
 
 @pytest.fixture
 async def lists_api(
-    spec_or_hand: Path | None, clock: Clock, session: aiohttp.ClientSession
+    spec_or_hand: Path | None, clock: FakeClock, session: aiohttp.ClientSession
 ) -> AsyncIterator[tuple[Api, FakeKlaviyo, dict[str, str]]]:
     """Serve an account holding lists A, B and C, created ten seconds apart; yield (api, fake, ids by name)."""
     simulator = FakeKlaviyo(spec_path=spec_or_hand, clock=clock, seed=7)
@@ -624,7 +612,7 @@ async def test_unknown_path_gets_an_error_envelope(api: Api) -> None:
 
 
 async def test_burst_window_throttles_then_resets(
-    fake: FakeKlaviyo, clock: Clock, session: aiohttp.ClientSession
+    fake: FakeKlaviyo, clock: FakeClock, session: aiohttp.ClientSession
 ) -> None:
     fake.limiter.overrides["create_event"] = Limits(burst=2, steady=5)
     async with served(fake, session) as api:
@@ -650,7 +638,7 @@ async def test_burst_window_throttles_then_resets(
 
 
 async def test_steady_window_throttles_until_the_minute_ends(
-    fake: FakeKlaviyo, clock: Clock, session: aiohttp.ClientSession
+    fake: FakeKlaviyo, clock: FakeClock, session: aiohttp.ClientSession
 ) -> None:
     fake.limiter.overrides["create_event"] = Limits(burst=100, steady=3)
     async with served(fake, session) as api:
@@ -667,7 +655,7 @@ async def test_steady_window_throttles_until_the_minute_ends(
 
 
 async def test_limits_scale_and_daily_cap_on_list_creation(
-    clock: Clock, session: aiohttp.ClientSession
+    clock: FakeClock, session: aiohttp.ClientSession
 ) -> None:
     simulator = FakeKlaviyo(clock=clock, limits_scale=0.02)  # create_list: 1/s, 3/m, 3/d
     simulator.add_account(KEY, "shop")
@@ -686,7 +674,7 @@ async def test_limits_scale_and_daily_cap_on_list_creation(
 
 
 async def test_limits_disabled_never_throttles_but_still_reports(
-    clock: Clock, session: aiohttp.ClientSession
+    clock: FakeClock, session: aiohttp.ClientSession
 ) -> None:
     simulator = FakeKlaviyo(clock=clock, limits_enabled=False, limits_scale=0.001)
     simulator.add_account(KEY, "shop")
@@ -830,7 +818,7 @@ async def test_bulk_events_over_1000_are_refused(api: Api, fake: FakeKlaviyo) ->
 
 
 async def test_profile_bulk_import_completes_after_delay_and_fills_the_list(
-    clock: Clock, session: aiohttp.ClientSession
+    clock: FakeClock, session: aiohttp.ClientSession
 ) -> None:
     simulator = FakeKlaviyo(clock=clock, job_delay=5.0)
     shop = simulator.add_account(KEY, "shop")
@@ -886,7 +874,7 @@ async def test_profile_bulk_import_unknown_job_and_unknown_list(api: Api) -> Non
 
 
 async def test_hand_checks_reject_event_without_email_or_metric(
-    clock: Clock, session: aiohttp.ClientSession
+    clock: FakeClock, session: aiohttp.ClientSession
 ) -> None:
     simulator = FakeKlaviyo(spec_path=None, clock=clock)
     simulator.add_account(KEY, "shop")
@@ -928,7 +916,7 @@ def test_spec_checker_loads_fast_and_is_cached() -> None:
 
 @needs_spec
 async def test_spec_rejects_bad_date_time_and_accepts_nullable_refs(
-    clock: Clock, session: aiohttp.ClientSession
+    clock: FakeClock, session: aiohttp.ClientSession
 ) -> None:
     assert SPEC is not None
     simulator = FakeKlaviyo(spec_path=SPEC, clock=clock)

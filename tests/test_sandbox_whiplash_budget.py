@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from bridgekit import eventually
+from kit.bridgekit import eventually
 
 from klaviyo_bridge.cli import build_parser
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, build_from_args, serve_whiplash

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from bridgekit import eventually
+from kit.bridgekit import eventually
 
 from klaviyo_bridge.sandbox._server import serve_app
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, OrderScript, serve_whiplash

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import CallbackResult, aioresponses
+from kit.fakeclock import FakeClock
 from pydantic import SecretStr
 from yarl import URL
 
@@ -59,18 +60,10 @@ class MemoryVault:
 
 
 @dataclass
-class Clock:
-    now: float = T0.timestamp()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
 class TokenServer:
     """Doorkeeper-like token endpoint: issues at-N/rt-N, or replays queued failures first."""
 
-    clock: Clock
+    clock: FakeClock
     bodies: list[dict[str, Any]] = field(default_factory=list)
     failures: list[CallbackResult] = field(default_factory=list)
     rotate: bool = True
@@ -172,12 +165,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(T0.timestamp())
 
 
 @pytest.fixture
-def tokens_server(mocked: aioresponses, clock: Clock) -> TokenServer:
+def tokens_server(mocked: aioresponses, clock: FakeClock) -> TokenServer:
     server = TokenServer(clock)
     mocked.post(TOKEN_URL, callback=server, repeat=True)
     return server
@@ -187,7 +180,7 @@ Factory = Callable[..., tuple[WhiplashClient, MemoryVault]]
 
 
 @pytest.fixture
-def make_client(session: aiohttp.ClientSession, clock: Clock) -> Factory:
+def make_client(session: aiohttp.ClientSession, clock: FakeClock) -> Factory:
     def build(
         *,
         grant: str = "client_credentials",
@@ -332,7 +325,7 @@ async def test_rotated_refresh_token_saved_before_first_use(
 
 
 async def test_token_refreshed_when_near_expiry(
-    make_client: Factory, mocked: aioresponses, tokens_server: TokenServer, clock: Clock
+    make_client: Factory, mocked: aioresponses, tokens_server: TokenServer, clock: FakeClock
 ) -> None:
     client, _ = make_client(grant="refresh_token")
     serve = serve_orders(mocked, [])
@@ -736,7 +729,7 @@ async def test_naive_since_is_rejected(make_client: Factory) -> None:
         await collect(client.walk_changes(CUSTOMER, datetime(2026, 1, 1)))
 
 
-async def test_reprs_hold_no_secrets(session: aiohttp.ClientSession, clock: Clock) -> None:
+async def test_reprs_hold_no_secrets(session: aiohttp.ClientSession, clock: FakeClock) -> None:
     tokens = TokenManager(session, auth("refresh_token"), MemoryVault(), clock=clock)
     client = WhiplashClient(session, tokens, base_url=BASE)
     for obj in (tokens, client, auth("refresh_token")):

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
-from bridgekit import toml_str
-from contribkit import SCRAPE_SERIES, exported_names, referenced_names
-from harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
+from kit.bridgekit import toml_str
+from kit.contribkit import SCRAPE_SERIES, exported_names, referenced_names
+from kit.harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
 
 from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo, serve_klaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash

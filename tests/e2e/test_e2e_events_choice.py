@@ -14,7 +14,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from faults.faultkit import SAMPLE_EMAIL, Bridge, Ledger, Shop, assert_delivered_once, caught_up, serve
+from kit.faultkit import SAMPLE_EMAIL, Bridge, Ledger, Shop, assert_delivered_once, caught_up, serve
 
 from klaviyo_bridge.sandbox.whiplash import OrderScript
 

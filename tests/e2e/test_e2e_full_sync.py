@@ -15,7 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from expect import (
+from kit.expect import (
     SAMPLE_EMAIL,
     expected_names,
     first_sight_events,
@@ -24,7 +24,7 @@ from expect import (
     recorded,
     samples,
 )
-from harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
+from kit.harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
 
 from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo, serve_klaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, OrderScript, SimOrder, serve_whiplash

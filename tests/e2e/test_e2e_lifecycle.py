@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from bridgekit import eventually
-from expect import missing_current_events, recorded, samples
-from harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
+from kit.bridgekit import eventually
+from kit.expect import missing_current_events, recorded, samples
+from kit.harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
 
 from klaviyo_bridge.sandbox._server import serve_app
 from klaviyo_bridge.sandbox.klaviyo import Account, FakeKlaviyo

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from expect import SAMPLE_EMAIL, recorded, samples
-from harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
+from kit.expect import SAMPLE_EMAIL, recorded, samples
+from kit.harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
 
 from klaviyo_bridge.sandbox.klaviyo import Account, FakeKlaviyo, serve_klaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
-from bridgekit import eventually
-from harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
+from kit.bridgekit import eventually
+from kit.harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
 
 from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo, serve_klaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
-from bridgekit import toml_str
-from harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
+from kit.bridgekit import toml_str
+from kit.harness import CLIENT_ID, CLIENT_SECRET, Customer, Harness
 
 from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo, serve_klaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash

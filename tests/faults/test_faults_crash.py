@@ -12,7 +12,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from faultkit import Bridge, Facts, Ledger, Shop, Sims, assert_delivered_once, facts, serve, shops
+from kit.faultkit import Bridge, Facts, Ledger, Shop, Sims, assert_delivered_once, facts, serve, shops
 
 from klaviyo_bridge.sandbox.whiplash import OrderScript
 

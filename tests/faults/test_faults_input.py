@@ -17,10 +17,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from bridgekit import toml_str
-from faultkit import REPO, Bridge, Ledger, assert_delivered_once, in_process, serve, shops
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit.bridgekit import toml_str
+from kit.faultkit import REPO, Bridge, Ledger, assert_delivered_once, in_process, serve, shops
 
 from klaviyo_bridge import cli
 from klaviyo_bridge.core import MAX_NAME_CHARS
@@ -206,7 +206,7 @@ async def test_invalid_emails_never_reach_klaviyo(tmp_path: Path, caplog: pytest
         bridge = Bridge(tmp_path, sims, [A]).write()
         async with in_process(bridge) as run:
             await run.drain()
-            assert (await run.store.counts(A.cid, run.clock())).invalid_email == len(bad)
+            assert (await run.store.counts(A.cid, run.clock.utc())).invalid_email == len(bad)
             account = sims.account(A)
             assert not any(e.unique_id.split(":")[0] in {str(b) for b in bad} for e in account.events if e.unique_id)
             assert {f"{g}:shipped" for g in good} <= {e.unique_id for e in account.events}
@@ -222,6 +222,6 @@ async def test_invalid_emails_never_reach_klaviyo(tmp_path: Path, caplog: pytest
             w.set_status(bad[0], 120)
             ledger.observe_all()
             await run.drain()
-            assert (await run.store.counts(A.cid, run.clock())).invalid_email == len(bad) - 1
+            assert (await run.store.counts(A.cid, run.clock.utc())).invalid_email == len(bad) - 1
         assert f"{bad[0]}:processing" in {e.unique_id for e in sims.account(A).events}
         assert_delivered_once(sims, bridge, ledger)

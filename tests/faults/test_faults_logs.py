@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from faultkit import CLIENT_ID, CLIENT_SECRET, SEED_TOKEN, Bridge, Sims, caught_up, in_process, serve, shops
+from kit.faultkit import CLIENT_ID, CLIENT_SECRET, SEED_TOKEN, Bridge, Sims, caught_up, in_process, serve, shops
 
 from klaviyo_bridge.sandbox.klaviyo import EventMatch, ProfileMatch
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, OrderScript

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from faultkit import Bridge, Ledger, assert_delivered_once, facts, in_process, serve, shops
+from kit.faultkit import Bridge, Ledger, assert_delivered_once, facts, in_process, serve, shops
 
 from klaviyo_bridge.core import EventKind, OrderMemory, Plan
 from klaviyo_bridge.sandbox.whiplash import RequestRecord
@@ -48,7 +48,7 @@ async def test_sweep_sends_delivered_that_did_not_bump_updated_at(tmp_path: Path
             assert not [e for e in sims.account(A).events if e.unique_id == f"{recent}:delivered"]
             run.clock.advance(timedelta(minutes=6))
             await run.cycle()
-            noticed = run.clock()
+            noticed = run.clock.utc()
             await run.drain()
         delivered = [e for e in sims.account(A).events if e.metric == "Order delivered" and not e.backfill]
         assert [e.unique_id for e in delivered] == [f"{recent}:delivered"]

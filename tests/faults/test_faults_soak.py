@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from bridgekit import eventually
-from faultkit import Bridge, Ledger, Proc, Sims, assert_delivered_once, caught_up, facts, serve, shops
+from kit.bridgekit import eventually
+from kit.faultkit import Bridge, Ledger, Proc, Sims, assert_delivered_once, caught_up, facts, serve, shops
 
 from klaviyo_bridge import failpoints
 from klaviyo_bridge.sandbox.whiplash import OrderScript

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from faultkit import (
+from kit.faultkit import (
     Bridge,
     InProcess,
     Ledger,

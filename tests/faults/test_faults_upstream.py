@@ -17,7 +17,18 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from faultkit import Bridge, Ledger, Shop, Sims, assert_delivered_once, facts, fake_whiplash, in_process, serve, shops
+from kit.faultkit import (
+    Bridge,
+    Ledger,
+    Shop,
+    Sims,
+    assert_delivered_once,
+    facts,
+    fake_whiplash,
+    in_process,
+    serve,
+    shops,
+)
 
 from klaviyo_bridge.sandbox.klaviyo import EventMatch, FakeKlaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, OrderScript
@@ -248,12 +259,12 @@ async def test_malformed_and_unknown_orders_hold_one_customer_only(
             assert len(errors) == 1
             assert f"order={bad.id}" in errors[0].getMessage()
             assert "status missing" in errors[0].getMessage()
-            assert (await run.store.counts(A.cid, run.clock())).malformed == 1
+            assert (await run.store.counts(A.cid, run.clock.utc())).malformed == 1
             sims.whiplash.ungarble(bad.id)
             sims.whiplash.update_order(bad.id, public_note="fixed")  # re-saved: updated_at moves
             ledger.observe(bad.id)
             await run.drain()
-            assert (await run.store.counts(A.cid, run.clock())).malformed == 0
+            assert (await run.store.counts(A.cid, run.clock.utc())).malformed == 0
         assert not any(e.unique_id.startswith(f"{odd.id}:") for e in sims.account(A).events if e.unique_id)
         assert_delivered_once(sims, bridge, ledger)
 
@@ -344,7 +355,7 @@ async def test_klaviyo_refused_rows_are_dead_lettered_and_the_queue_moves_on(
             assert len(refused) == 2
             assert all(r.levelno == logging.ERROR for r in refused)
             sims.klaviyo.clear_faults()
-            assert await run.store.replay_dead(A.cid, None, run.clock()) == 2
+            assert await run.store.replay_dead(A.cid, None, run.clock.utc()) == 2
             await run.drain()
         assert_delivered_once(sims, bridge, ledger)
 

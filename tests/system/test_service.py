@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from service_harness import CLIENT_ID, CLIENT_SECRET, Service, Shop
+from kit.service_harness import CLIENT_ID, CLIENT_SECRET, Service, Shop
 
 from klaviyo_bridge.sandbox.klaviyo import Account, FakeKlaviyo, serve_klaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash

@@ -20,7 +20,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bridgekit import LoggedProcess, patch_example, toml_str
+from kit.bridgekit import LoggedProcess, patch_example, toml_str
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config.example.toml"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "contrib" / "prometheus" / "klaviyo-bridge.rules.yml"
 RULE_TESTS = REPO / "contrib" / "prometheus" / "klaviyo-bridge.rules.test.yml"
 DASHBOARD = REPO / "contrib" / "grafana" / "klaviyo-bridge.json"

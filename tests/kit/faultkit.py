@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-from bridgekit import LoggedProcess, toml_str
 
+from kit.bridgekit import LoggedProcess, toml_str
+from kit.fakeclock import FakeClock
 from klaviyo_bridge import core
 from klaviyo_bridge.config import LoadedConfig, Settings, load_config
 from klaviyo_bridge.klaviyo import KlaviyoClient
@@ -378,27 +379,13 @@ def assert_delivered_once(sims: Sims, bridge: Bridge, ledger: Ledger) -> None:
 # ------------------------------------------------------------------------------ in-process workers
 
 
-class Clock:
-    """Wall-clock UTC now plus an offset that tests move forward (to bring rescheduled rows due)."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta()
-
-    def __call__(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-    def advance(self, delta: timedelta) -> None:
-        """Move the clock forward."""
-        self.offset += delta
-
-
 @dataclass
 class InProcess:
     """Customer workers of the real daemon code, built in the test's loop with fast retries."""
 
     settings: Settings
     store: Store
-    clock: Clock
+    clock: FakeClock  # real time plus what drain() skips forward
     workers: dict[int, CustomerWorker]
     sessions: list[aiohttp.ClientSession]
 
@@ -415,7 +402,7 @@ class InProcess:
             nxt = [at for cid in self.workers if (at := await self.store.next_due_at(cid)) is not None]
             if not nxt:
                 return
-            self.clock.advance(max(timedelta(), min(nxt) - self.clock()) + timedelta(seconds=1))
+            self.clock.advance(max(timedelta(), min(nxt) - self.clock.utc()) + timedelta(seconds=1))
         raise AssertionError("outbox did not drain")
 
 
@@ -423,7 +410,7 @@ class InProcess:
 async def in_process(bridge: Bridge, *, klaviyo_tries: int = 5, whiplash_tries: int = 6) -> AsyncIterator[InProcess]:
     """Build one worker per shop over one store, with the daemon's components but millisecond backoffs."""
     settings = bridge.loaded().settings
-    clock = Clock()
+    clock = FakeClock(real_time=True)
     store = await Store.open(settings.bridge.state_path)
     w, k = settings.whiplash, settings.klaviyo
     w_session = aiohttp.ClientSession()
@@ -441,7 +428,7 @@ async def in_process(bridge: Bridge, *, klaviyo_tries: int = 5, whiplash_tries: 
                                    timeout=k.timeout_seconds, max_tries=klaviyo_tries, max_time=10,
                                    backoff_base=0.01)
             workers[customer.whiplash_customer_id] = CustomerWorker(settings, customer, store, whiplash, client,
-                                                                    clock)
+                                                                    clock.utc)
         yield InProcess(settings, store, clock, workers, [w_session, k_session])
     finally:
         await w_session.close()

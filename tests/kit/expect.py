@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from harness import Customer
-
+from kit.harness import Customer
 from klaviyo_bridge.sandbox.klaviyo import Account
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, SimOrder
 
