@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 type: $(STAMP)
 	$(BIN)/mypy klaviyo_bridge mutation/run.py
