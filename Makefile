@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 type: $(STAMP)
-	$(BIN)/mypy klaviyo_bridge mutation/run.py
+	$(BIN)/mypy klaviyo_bridge tests/mutation/run.py
 
 # promtool runs the alerting-rule tests (tests/test_contrib.py). One on PATH is used as it is; otherwise the
 # binary is taken from Debian's prometheus package: `apt-get download` needs no root once apt's package lists
@@ -91,18 +91,18 @@ $(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# Mutation testing (mutation/run.py): each module mutated by mutmut and run against its own test file, killed
-# and survived per module, listed equivalents (mutation/equivalents.toml) left out of the score; fails below a
+# Mutation testing (tests/mutation/run.py): each module mutated by mutmut and run against its own test file, killed
+# and survived per module, listed equivalents (tests/mutation/equivalents.toml) left out of the score; fails below a
 # module's floor. A subset: make mutate MODULES="core orders". Work files in mutants/ (rebuilt every run).
 MODULES ?= core orders ratelimit config config_secrets config_problems
 MUTATE_STAMP := $(VENV)/.mutate-installed
 
-$(MUTATE_STAMP): $(STAMP) mutation/requirements.txt
-	$(BIN)/pip install --quiet -r mutation/requirements.txt
+$(MUTATE_STAMP): $(STAMP) tests/mutation/requirements.txt
+	$(BIN)/pip install --quiet -r tests/mutation/requirements.txt
 	touch $(MUTATE_STAMP)
 
 mutate: $(MUTATE_STAMP)
-	$(BIN)/python mutation/run.py $(MODULES)
+	$(BIN)/python tests/mutation/run.py $(MODULES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info mutants

@@ -1,13 +1,13 @@
 """Mutation testing of the pure modules, each against its own tests, scored honestly (``make mutate``).
 
-    python mutation/run.py [--floor PCT] [--suggest] [MODULE ...]
+    python tests/mutation/run.py [--floor PCT] [--suggest] [MODULE ...]
 
 For each module (default: all of ``MODULES``), one mutmut run:
 1. the package, the tests and ``pyproject.toml`` are copied to ``mutants/<module>/``, whose ``[tool.mutmut]``
    gets ``only_mutate`` = that module and ``pytest_add_cli_args_test_selection`` = its own test file(s); mutmut
    works in the current directory (it copies it again to ``mutants/``), so each module has its own;
 2. ``mutmut run`` runs there from scratch (its output goes to ``mutants/<module>/mutmut.log``);
-3. every mutant not killed is looked up in ``mutation/equivalents.toml``, the list of mutants that change
+3. every mutant not killed is looked up in ``tests/mutation/equivalents.toml``, the list of mutants that change
    nothing observable. A mutant is identified by module, function and its changed line(s) before and after,
    never by mutmut's numbered name (the numbers shift whenever code is added above).
 
@@ -33,9 +33,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "klaviyo_bridge"
-EQUIVALENTS = ROOT / "mutation" / "equivalents.toml"
+EQUIVALENTS = ROOT / "tests" / "mutation" / "equivalents.toml"
 WORK = ROOT / "mutants"
 
 
@@ -54,7 +54,9 @@ MODULES: dict[str, Module] = {
     "config": Module(("tests/test_config.py",), floor=97.0),
     "config_secrets": Module(("tests/test_config.py",), floor=97.0),
     "config_problems": Module(("tests/test_config.py",), floor=97.0),
+    "config_env": Module(("tests/test_config.py",), floor=97.0),
 }
+
 
 class Failed(Exception):
     """A module could not be scored (mutmut failed or left mutants unchecked)."""
