@@ -226,6 +226,9 @@ class WhiplashSettings(BaseModel):
     # bump updated_at; reconcile_days = 0 turns the sweep off.
     reconcile_interval_minutes: Float = Field(default=30.0, ge=0.01, le=10080)
     reconcile_days: Int = Field(default=30, ge=0, le=365)
+    # One budget for every Whiplash request of the process (all customers share the OAuth application's limit).
+    max_requests_per_second: Int = Field(default=10, ge=1, le=1000)
+    max_concurrent_requests: Int = Field(default=4, ge=1, le=64)
 
     @model_validator(mode="after")
     def _refresh_token_for_grant(self) -> Self:

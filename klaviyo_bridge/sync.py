@@ -9,6 +9,9 @@ Invariants:
 - the cursor moves only with ``move_cursor``, and never past a malformed order: from the first one on it is
   held for the rest of the walk, so the order is read again next cycle;
 - with ``move_cursor=False`` the customer's cursor is left exactly as it was;
+- with ``parallel`` > 1 the window is read as time slices side by side (``SlicedWalk``): pages are still
+  committed one at a time, each in its own transaction, and the cursor moves only to the end of the committed
+  prefix (``slices.contiguous_cursor``), so a crash at any point resumes without a gap;
 - the reconcile sweep (``reconcile_shipped``) re-reads orders remembered as shipped by id and commits them
   through the same plan/commit path, never touching the cursor; a status change it finds behind the cursor
   did not bump ``updated_at``, so its time is taken as when the sweep noticed it.
@@ -19,16 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
-from . import core, failpoints
+from . import core, failpoints, slices
+from .aio import together
+from .budget import Lane
 from .clock import WallClock
+from .errors import BridgeError
 from .orders import Order, order_key
 from .store import Store
-from .whiplash import Key, Page, build_page
+from .whiplash import Key, Keyset, Page, Step, build_page, keyset_from
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +45,21 @@ PageHook = Callable[[Page, int], None]  # (committed page, rows it queued)
 class ChangeSource(Protocol):
     """What a sync reads from: Whiplash's changed orders in (updated_at, id) order."""
 
-    def walk_changes(self, customer_id: int, since: datetime) -> AsyncGenerator[Page, None]:
-        """Yield pages of orders changed at or after ``since``."""
+    page_size: int
+
+    def walk_changes(
+        self, customer_id: int, since: datetime, *, until: datetime | None = None, lane: Lane = Lane.LIVE
+    ) -> AsyncGenerator[Page, None]:
+        """Yield pages of orders changed at or after ``since`` (and before ``until``)."""
         ...
 
-    async def fetch_by_ids(self, customer_id: int, ids: Sequence[int]) -> list[object]:
+    async def step(
+        self, customer_id: int, at: Keyset, *, until: datetime | None = None, lane: Lane = Lane.LIVE
+    ) -> Step:
+        """Read the page after ``at``."""
+        ...
+
+    async def fetch_by_ids(self, customer_id: int, ids: Sequence[int], *, lane: Lane = Lane.BACKGROUND) -> list[object]:
         """Return the raw orders with these ids."""
         ...
 
@@ -118,18 +135,24 @@ async def sync_window(
     clock: WallClock,
     on_page: PageHook | None = None,
     stop: asyncio.Event | None = None,
+    lane: Lane = Lane.LIVE,
+    parallel: int = 1,
 ) -> SyncStats:
     """Read every change of ``rules.customer_id`` since ``since`` and commit it page by page.
 
     ``on_page`` runs after each commit (the daemon logs malformed orders and wakes its sender there).
     A set ``stop`` ends the walk after the current page: every page is committed with its cursor, so the
-    next walk resumes exactly there.
+    next walk resumes exactly there. ``parallel`` > 1 reads a long window as that many slices at once.
     """
-    stats = SyncStats()
     await store.ensure_customer(rules.customer_id)
+    if parallel > 1:
+        walk = SlicedWalk(whiplash, store, rules, move_cursor=move_cursor, clock=clock, on_page=on_page, stop=stop,
+                          lane=lane, parallel=parallel)
+        return await walk.run(since)
+    stats = SyncStats()
     held = not move_cursor
     # aclosing: a walk left early (stop) must cancel the page it is already fetching ahead.
-    async with contextlib.aclosing(whiplash.walk_changes(rules.customer_id, since)) as pages:
+    async with contextlib.aclosing(whiplash.walk_changes(rules.customer_id, since, lane=lane)) as pages:
         async for page in pages:
             failpoints.hit("after_fetch")
             cursor, held = next_cursor(page, held)
@@ -144,6 +167,176 @@ async def sync_window(
             if stop is not None and stop.is_set():
                 break
     return stats
+
+
+@dataclass(slots=True)
+class _Reading:
+    """One slice and where its keyset walk stands."""
+
+    slice: slices.Slice
+    at: Keyset
+
+
+class SlicedWalk:
+    """Read one customer's window as up to ``parallel`` time slices at once, committing page by page.
+
+    A live window starts as one slice: once a page shows how dense it is, an idle reader splits the busy slice
+    with the most pages left (``slices.best_split``) and walks the second half, so a short window costs what a
+    plain walk costs. A background window (a backfill, a catch-up: known to be long) starts as ``parallel``
+    slices of equal span, so every reader starts at once; idle readers then split what is left the same way.
+    Commits are one at a time (one lock): each page's memory, outbox rows and the cursor of the committed prefix
+    go in one transaction, and the plan of a page sees every page committed before it, so an order read by two
+    slices (it changed mid-walk) is announced once.
+    """
+
+    def __init__(
+        self,
+        whiplash: ChangeSource,
+        store: Store,
+        rules: core.Rules,
+        *,
+        move_cursor: bool,
+        clock: WallClock,
+        on_page: PageHook | None,
+        stop: asyncio.Event | None,
+        lane: Lane,
+        parallel: int,
+    ) -> None:
+        self.whiplash = whiplash
+        self.store = store
+        self.rules = rules
+        self.cid = rules.customer_id
+        self.move_cursor = move_cursor
+        self.clock = clock
+        self.on_page = on_page
+        self.stop = stop
+        self.lane = lane
+        self.parallel = parallel
+        self.stats = SyncStats()
+        self.slices: list[slices.Slice] = []
+        self.todo: deque[_Reading] = deque()
+        self.busy: list[_Reading] = []
+        self.end = clock()
+        self.written: Key | None = None  # the cursor this walk last committed
+        self._commit_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+
+    async def run(self, since: datetime) -> SyncStats:
+        """Read the window from ``since``; the first error stops every reader and is raised."""
+        count = self.parallel if self.lane is Lane.BACKGROUND else 1
+        self.slices = slices.even_slices(since.astimezone(UTC), self.end, count)
+        self.todo.extend(_Reading(s, keyset_from(self.cid, s.start)) for s in self.slices)
+        # Never move the cursor back (the walk starts an overlap before it): only a prefix past it is written.
+        self.written = (await self.store.customer_state(self.cid)).cursor if self.move_cursor else None
+        await together(*(self._reader() for _ in range(self.parallel)))
+        return self.stats
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    async def _reader(self) -> None:
+        """Take slices (or split a busy one) and walk them until nothing is left to read."""
+        while True:
+            reading = None if self._stopping() else self._next()
+            if reading is None:
+                if not self.busy or self._stopping():
+                    return
+                changed = self._changed
+                await changed.wait()
+                continue
+            self.busy.append(reading)
+            try:
+                await self._walk(reading)
+            finally:
+                self.busy.remove(reading)
+                self._notify()
+
+    def _next(self) -> _Reading | None:
+        """Return a slice nobody reads yet, else the second half of the busy slice with most left, else None."""
+        if self.todo:
+            return self.todo.popleft()
+        found = slices.best_split([r.slice for r in self.busy], self.end, self.whiplash.page_size)
+        if found is None:
+            return None
+        victim, at = found
+        taken = slices.split(self.slices, victim, at)
+        log.debug("slice split customer=%s at=%s slices=%d", self.cid, at.isoformat(), len(self.slices))
+        return _Reading(taken, keyset_from(self.cid, at))
+
+    def _notify(self) -> None:
+        """Wake idle readers: a page or a finished slice may make a split worth it."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _walk(self, reading: _Reading) -> None:
+        """Walk one slice page by page until its range is read (its end may move closer when it is split).
+
+        The next page is fetched while this one is committed, as in the plain walk: a slice then waits for
+        Whiplash or for the commit lock, whichever is slower, not for both in turn.
+        """
+        s = reading.slice
+        ahead = self._fetch(reading)
+        try:
+            while ahead is not None:
+                step = await ahead
+                failpoints.hit("after_fetch")
+                reading.at = step.next
+                stalled = step.stalled is not None
+                ahead = None if stalled or self._stopping() else self._fetch(reading)
+                if step.page is not None:
+                    await self._commit(s, step.page)
+                self._notify()
+                if step.stalled is not None:
+                    raise step.stalled
+                if self._stopping():
+                    return
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BridgeError):
+                    await ahead
+        async with self._commit_lock:
+            slices.finished(s)
+            cursor = self._cursor()
+            if cursor is not None:
+                await self.store.move_cursor(self.cid, cursor)
+                self.written = cursor
+
+    def _fetch(self, reading: _Reading) -> asyncio.Task[Step] | None:
+        """Start reading the slice's next page (None: its range is read, possibly cut short by a split)."""
+        s, at = reading.slice, reading.at
+        if at.done or (s.until is not None and at.key[0] >= s.until):
+            return None
+        return asyncio.ensure_future(self.whiplash.step(self.cid, at, until=s.until, lane=self.lane))
+
+    async def _commit(self, s: slices.Slice, page: Page) -> None:
+        """Commit one page with the cursor of the committed prefix it completes, in one transaction."""
+        async with self._commit_lock:
+            before = (s.reached, s.read, s.held)
+            slices.committed(s, page.last_key, page.safe_key, len(page.orders) + len(page.malformed),
+                             bool(page.malformed))
+            cursor = self._cursor()
+            now = self.clock()
+            try:
+                plan, queued, already = await commit_page(self.store, self.rules, page, cursor, now)
+            except BaseException:
+                s.reached, s.read, s.held = before  # not committed: the slice has not got that far
+                raise
+            failpoints.hit("after_outbox_commit")
+            if cursor is not None:
+                self.written = cursor
+        self.stats.add(page, plan, queued, already, now)
+        log.debug("page committed customer=%s orders=%d malformed=%d queued=%d cursor=%s", self.cid,
+                  len(page.orders), len(page.malformed), queued, "held" if cursor is None else cursor[0])
+        if self.on_page is not None:
+            self.on_page(page, queued)
+
+    def _cursor(self) -> Key | None:
+        """Return the cursor to write now: the committed prefix's end, when it moved (None: leave it)."""
+        if not self.move_cursor:
+            return None
+        cursor = slices.contiguous_cursor(self.slices)
+        return cursor if self.written is None or cursor > self.written else None
 
 
 _BEFORE_ALL: Key = (datetime.min.replace(tzinfo=UTC), 0)

@@ -7,8 +7,11 @@ Invariants:
 - Every response body is checked before use: a page is a JSON array or ``MalformedPayload`` is raised.
 - Failures leave as the ``errors`` tree: 401/403 -> ``AuthFailed``; 408/429/5xx/network/timeouts ->
   ``TransientUpstream`` once retries are spent; other 4xx -> ``PermanentUpstream``.
-- ``walk_changes`` yields each order changed at or after ``since`` at least once, in (updated_at, id)
-  order, and terminates: it never loops on a page that cannot advance the cursor.
+- ``walk_changes`` yields each order changed at or after ``since`` (and before ``until``, when given) at
+  least once, in (updated_at, id) order, and terminates: it never loops on a page that cannot advance the
+  cursor. ``step`` is one page of the same walk, for callers that run several walks side by side.
+- Every HTTP request (token, orders, by id) first takes a slot of the process's one ``WhiplashBudget``, and
+  every 429 is reported to it: the limit belongs to the OAuth application, not to a customer.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from backoff.types import Details
 from pydantic import SecretStr
 
 from . import failpoints, logs
+from .budget import Lane, WhiplashBudget
 from .clock import Epoch
 from .config import Grant, WhiplashSettings
 from .errors import (
@@ -51,6 +55,8 @@ REFRESH_MARGIN = timedelta(minutes=5)
 # How long one page may keep retrying transient failures; the daemon's watchdog window builds on it.
 RETRY_BUDGET_S = 120.0
 EXCERPT_CHARS = 200
+DEFAULT_PER_SECOND = 10  # [whiplash] max_requests_per_second's default, for clients built without settings
+DEFAULT_CONCURRENT = 4
 Key = tuple[datetime, int]
 
 
@@ -147,6 +153,12 @@ def _raise_for_status(reply: Reply, secrets: Sequence[str], now: float) -> None:
         raise error
 
 
+def report_throttle(budget: WhiplashBudget, reply: Reply, now: float) -> None:
+    """Tell the shared budget about a 429, whoever's request got it: the limit is the application's."""
+    if reply.status == 429:
+        budget.throttled(retry_after(reply.headers.get("Retry-After"), now))
+
+
 def _json_body(reply: Reply, secrets: Sequence[str]) -> object:
     """Decode a 2xx body as JSON; HTML, truncated or empty bodies raise MalformedPayload.
 
@@ -183,6 +195,7 @@ class TokenManager:
         *,
         clock: Epoch = time.time,
         timeout: float = 30,
+        budget: WhiplashBudget | None = None,
     ) -> None:
         if auth.grant == "refresh_token" and auth.refresh_token is None:
             raise ConfigError(["whiplash: grant = 'refresh_token' needs a refresh_token"])
@@ -196,6 +209,7 @@ class TokenManager:
         self._loaded = False
         self._bad_token: str | None = None
         self._seed = self._seed_fingerprint()
+        self.budget = budget if budget is not None else WhiplashBudget(DEFAULT_PER_SECOND, DEFAULT_CONCURRENT)
 
     def __repr__(self) -> str:
         return f"TokenManager(base_url={self._auth.base_url!r}, grant={self._auth.grant!r})"
@@ -264,8 +278,10 @@ class TokenManager:
         body, spent = self._grant_body(prev)
         secrets = (*self.secrets(), *(v for k, v in body.items() if k in ("client_secret", "refresh_token")))
         url = f"{self._auth.base_url}/oauth/token"
-        reply = await exchange(self._session, SERVICE, "POST", url, secrets=secrets, json=body,
-                               timeout=self._timeout)
+        async with self.budget.slot(Lane.TOKEN):
+            reply = await exchange(self._session, SERVICE, "POST", url, secrets=secrets, json=body,
+                                   timeout=self._timeout)
+        report_throttle(self.budget, reply, self._clock())
         if reply.status in (400, 401):
             raise AuthFailed(SERVICE, reply.status, f"token endpoint: {error_detail(reply.text, secrets)}")
         _raise_for_status(reply, secrets, self._clock())
@@ -367,6 +383,42 @@ def _after_query(customer_id: int, key: Key) -> _Query:
     return _Query("after", search, ORDER_SORT)
 
 
+def _bounded(search: Mapping[str, object], until: datetime | None) -> dict[str, object]:
+    """Return ``search`` limited to orders changed before ``until`` (unchanged when None)."""
+    return dict(search) if until is None else {**search, "updated_at_lt": iso(until)}
+
+
+@dataclass(frozen=True, slots=True)
+class Keyset:
+    """Where one keyset walk stands: the request that reads on (None: the walk is over) and the key reached."""
+
+    query: _Query | None
+    key: Key
+
+    @property
+    def done(self) -> bool:
+        """Tell whether the walk has nothing more to read."""
+        return self.query is None
+
+
+def keyset_from(customer_id: int, since: datetime) -> Keyset:
+    """Return the start of a walk over the orders of ``customer_id`` changed at or after ``since``."""
+    if since.tzinfo is None:
+        raise ValueError("since must be timezone-aware")
+    key: Key = (since.astimezone(UTC), 0)
+    return Keyset(_since_query(customer_id, key), key)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One page of a walk: its fresh orders (None: nothing new), where the walk stands after it, and a
+    stalled keyset to raise once the page is used."""
+
+    page: Page | None
+    next: Keyset
+    stalled: MalformedPayload | None
+
+
 def build_page(raw: Sequence[object], key: Key) -> Page | None:
     """Return the fresh part of ``raw`` (key > ``key``, or unreadable key) as a Page, or None if empty."""
     fresh = [obj for obj in raw if (k := order_key(obj)) is None or k > key]
@@ -394,7 +446,7 @@ def max_key(raw: Sequence[object], key: Key) -> Key:
 
 
 class WhiplashClient:
-    """Read orders of one 3PL's merchants from Whiplash API v2."""
+    """Read orders of one 3PL's merchants from Whiplash API v2, within the process's request budget."""
 
     def __init__(
         self,
@@ -411,8 +463,9 @@ class WhiplashClient:
     ) -> None:
         self._session = session
         self._tokens = tokens
+        self.budget = tokens.budget  # one budget for tokens and orders: both spend the application's limit
         self._url = f"{base_url.rstrip('/')}/api/v2/orders"
-        self._page_size = page_size
+        self.page_size = page_size
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         # Read when the client is built, not when this module is: the watchdog's window and tests follow it.
         max_time = RETRY_BUDGET_S if max_time is None else max_time
@@ -433,39 +486,50 @@ class WhiplashClient:
     def from_settings(
         cls, settings: WhiplashSettings, session: aiohttp.ClientSession, vault: TokenVault
     ) -> WhiplashClient:
-        """Build the client and its token manager from the [whiplash] settings."""
+        """Build the client, its token manager and the process's request budget from the [whiplash] settings."""
         w = settings
         auth = WhiplashAuth(w.base_url, w.grant, w.client_id, w.client_secret, w.refresh_token, w.scope)
-        tokens = TokenManager(session, auth, vault, timeout=w.timeout_seconds)
+        budget = WhiplashBudget(w.max_requests_per_second, w.max_concurrent_requests)
+        tokens = TokenManager(session, auth, vault, timeout=w.timeout_seconds, budget=budget)
         return cls(session, tokens, base_url=w.base_url, page_size=w.page_size, timeout=w.timeout_seconds)
 
     def __repr__(self) -> str:
-        return f"WhiplashClient(url={self._url!r}, page_size={self._page_size})"
+        return f"WhiplashClient(url={self._url!r}, page_size={self.page_size})"
 
     async def fetch_page(
-        self, customer_id: int, search: Mapping[str, object], *, sort: str = ORDER_SORT, page: int = 1
+        self,
+        customer_id: int,
+        search: Mapping[str, object],
+        *,
+        sort: str = ORDER_SORT,
+        page: int = 1,
+        lane: Lane = Lane.LIVE,
     ) -> list[object]:
         """Return one page of raw orders matching the Ransack ``search``, retrying transient failures."""
         params = {
             "search": json.dumps(search, separators=(",", ":")),
             "sort": sort,
             "page": str(page),
-            "per_page": str(self._page_size),
+            "per_page": str(self.page_size),
         }
-        body: list[object] = await self._get_json(customer_id, params)
+        body: list[object] = await self._get_json(customer_id, params, lane)
         return body
 
-    async def fetch_by_ids(self, customer_id: int, ids: Sequence[int]) -> list[object]:
+    async def fetch_by_ids(
+        self, customer_id: int, ids: Sequence[int], *, lane: Lane = Lane.BACKGROUND
+    ) -> list[object]:
         """Return the raw orders with the given ids, fetched in batches of ``page_size``."""
         found: list[object] = []
-        for start in range(0, len(ids), self._page_size):
-            batch = list(ids[start : start + self._page_size])
+        for start in range(0, len(ids), self.page_size):
+            batch = list(ids[start : start + self.page_size])
             search = {"customer_id_eq": customer_id, "id_in": batch}
-            found += await self.fetch_page(customer_id, search, sort="id asc")
+            found += await self.fetch_page(customer_id, search, sort="id asc", lane=lane)
         return found
 
-    async def walk_changes(self, customer_id: int, since: datetime) -> AsyncGenerator[Page, None]:
-        """Yield pages of orders changed at or after ``since``, in (updated_at, id) order.
+    async def walk_changes(
+        self, customer_id: int, since: datetime, *, until: datetime | None = None, lane: Lane = Lane.LIVE
+    ) -> AsyncGenerator[Page, None]:
+        """Yield pages of orders changed at or after ``since`` (and before ``until``), in (updated_at, id) order.
 
         Keyset paging: every request is page 1 of "key > cursor", so rows updated mid-walk cannot shift
         later rows past us. Such an order moves to a later key and is met again later in this walk (or
@@ -474,51 +538,49 @@ class WhiplashClient:
         Assumes updated_at in responses carries the full stored precision (Whiplash sends whole
         milliseconds; the docs' examples show ``.000``).
         """
-        if since.tzinfo is None:
-            raise ValueError("since must be timezone-aware")
-        key: Key = (since.astimezone(UTC), 0)
-        query: _Query | None = _since_query(customer_id, key)
-        ahead = self._prefetch(customer_id, query)
+        ahead = self._prefetch(customer_id, keyset_from(customer_id, since), until, lane)
         try:
             while ahead is not None:
-                raw = await ahead
-                page = build_page(raw, key)
-                query, key, stalled = self._advance(customer_id, query, raw, key)
+                step = await ahead
                 # Fetch the next page while the caller maps and commits this one: both take time per page.
-                ahead = self._prefetch(customer_id, query)
-                if page is not None:
-                    yield page
-                if stalled is not None:
-                    raise stalled
+                ahead = self._prefetch(customer_id, step.next, until, lane)
+                if step.page is not None:
+                    yield step.page
+                if step.stalled is not None:
+                    raise step.stalled
         finally:
             if ahead is not None:
                 ahead.cancel()
                 with contextlib.suppress(asyncio.CancelledError, BridgeError):
                     await ahead
 
-    def _prefetch(self, customer_id: int, query: _Query | None) -> asyncio.Task[list[object]] | None:
-        """Start fetching ``query``'s page in the background (None when the walk is done)."""
-        if query is None:
-            return None
-        return asyncio.ensure_future(self.fetch_page(customer_id, query.search, sort=query.sort))
-
-    def _advance(
-        self, customer_id: int, query: _Query | None, raw: Sequence[object], key: Key
-    ) -> tuple[_Query | None, Key, MalformedPayload | None]:
-        """Return the next query and key; a stalled keyset is returned to raise after this page is used."""
-        assert query is not None
+    async def step(
+        self, customer_id: int, at: Keyset, *, until: datetime | None = None, lane: Lane = Lane.LIVE
+    ) -> Step:
+        """Read the page after ``at`` (orders changed before ``until``, when given) and say where the walk stands."""
+        assert at.query is not None, "the walk is over"
+        raw = await self.fetch_page(customer_id, _bounded(at.query.search, until), sort=at.query.sort, lane=lane)
+        page = build_page(raw, at.key)
         try:
-            nxt, new_key = self._next_query(customer_id, query, raw, key)
+            query, key = self._next_query(customer_id, at.query, raw, at.key)
         except MalformedPayload as exc:
-            return None, key, exc
-        return nxt, new_key, None
+            return Step(page, Keyset(None, at.key), exc)
+        return Step(page, Keyset(query, key), None)
+
+    def _prefetch(
+        self, customer_id: int, at: Keyset, until: datetime | None, lane: Lane
+    ) -> asyncio.Task[Step] | None:
+        """Start reading the page after ``at`` in the background (None when the walk is done)."""
+        if at.done:
+            return None
+        return asyncio.ensure_future(self.step(customer_id, at, until=until, lane=lane))
 
     def _next_query(
         self, customer_id: int, query: _Query, raw: Sequence[object], key: Key
     ) -> tuple[_Query | None, Key]:
         """Return the request after ``query`` (None when the walk is done) and the advanced key."""
         new_key = max_key(raw, key)
-        if len(raw) < self._page_size:
+        if len(raw) < self.page_size:
             return (_after_query(customer_id, key) if query.mode == "tie" else None), new_key
         if new_key > key:
             return (_tie_query if query.mode == "tie" else _since_query)(customer_id, new_key), new_key
@@ -528,14 +590,14 @@ class WhiplashClient:
         where = f"customer={customer_id} mode={query.mode} at={iso(key[0])} id={key[1]}"
         raise MalformedPayload(SERVICE, 200, f"keyset stalled {where}")
 
-    async def _get_once(self, customer_id: int, params: Mapping[str, str]) -> list[object]:
+    async def _get_once(self, customer_id: int, params: Mapping[str, str], lane: Lane) -> list[object]:
         """Make one GET (plus one retry with a fresh token after a 401) and return the JSON array."""
         used = [await self._tokens.access_token()]
-        reply = await self._send(used[0], customer_id, params)
+        reply = await self._send(used[0], customer_id, params, lane)
         if reply.status == 401:
             await self._tokens.invalidate(used[0])
             used.append(await self._tokens.access_token())
-            reply = await self._send(used[-1], customer_id, params)
+            reply = await self._send(used[-1], customer_id, params, lane)
         log.debug("whiplash orders customer=%s status=%d bytes=%d", customer_id, reply.status, len(reply.text))
         secrets = (*used, *self._tokens.secrets())
         _raise_for_status(reply, secrets, time.time())
@@ -544,8 +606,8 @@ class WhiplashClient:
             raise MalformedPayload(SERVICE, reply.status, f"expected a JSON array, got a JSON {type(data).__name__}")
         return data
 
-    async def _send(self, token: str, customer_id: int, params: Mapping[str, str]) -> Reply:
-        """GET the orders URL as ``customer_id`` with ``token``."""
+    async def _send(self, token: str, customer_id: int, params: Mapping[str, str], lane: Lane) -> Reply:
+        """GET the orders URL as ``customer_id`` with ``token``, in a slot of the shared budget."""
         headers = {
             "Authorization": f"Bearer {token}",
             "X-CUSTOMER-ID": str(customer_id),
@@ -553,8 +615,11 @@ class WhiplashClient:
             "Accept-Version": "v2",
         }
         secrets = (token, *self._tokens.secrets())
-        return await exchange(
-            self._session, SERVICE, "GET", self._url, secrets=secrets, params=params, headers=headers,
-            timeout=self._timeout,
-        )
+        async with self.budget.slot(lane):
+            reply = await exchange(
+                self._session, SERVICE, "GET", self._url, secrets=secrets, params=params, headers=headers,
+                timeout=self._timeout,
+            )
+        report_throttle(self.budget, reply, time.time())
+        return reply
 

@@ -1,0 +1,188 @@
+"""Pure bookkeeping of sliced reads (klaviyo_bridge.slices): splits, and a cursor that never passes an unread order."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from klaviyo_bridge import slices
+from klaviyo_bridge.slices import Key, Slice
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_first_slice_is_the_whole_open_window() -> None:
+    s = slices.first_slice(at(0))
+    assert (s.start, s.until, s.reached, s.read, s.done, s.held) == (at(0), None, (at(0), 0), 0, False, False)
+
+
+def test_committed_pages_move_reached_and_a_malformed_order_holds_it() -> None:
+    """1. A page reaching (t10, 5). 2. A page with a malformed order after a good one at (t12, 7). 3. Another page.
+    Result: reached (t10, 5), then held at (t12, 7) for good; read counts every order."""
+    s = slices.first_slice(at(0))
+    slices.committed(s, (at(10), 5), (at(10), 5), 3, False)
+    assert (s.reached, s.read, s.held) == ((at(10), 5), 3, False)
+    slices.committed(s, (at(15), 9), (at(12), 7), 4, True)
+    assert (s.reached, s.read, s.held) == ((at(12), 7), 7, True)
+    slices.committed(s, (at(20), 11), (at(20), 11), 2, False)
+    assert (s.reached, s.read, s.held) == ((at(12), 7), 9, True)
+    slices.finished(s)
+    assert (s.done, s.complete, s.reached) == (True, False, (at(12), 7))
+
+
+def test_a_malformed_first_order_keeps_reached_where_it_was() -> None:
+    s = slices.first_slice(at(0))
+    slices.committed(s, (at(10), 5), (at(10), 5), 3, False)
+    slices.committed(s, (at(11), 6), None, 1, True)
+    assert (s.reached, s.held) == ((at(10), 5), True)
+
+
+def test_a_finished_bounded_slice_reaches_its_end_and_an_open_one_its_last_order() -> None:
+    bounded = Slice(at(0), at(100), (at(40), 3), read=10)
+    slices.finished(bounded)
+    assert (bounded.reached, bounded.complete) == ((at(100), 0), True)
+    beyond = Slice(at(0), at(100), (at(120), 3), read=10)  # a page read before the slice was cut shorter
+    slices.finished(beyond)
+    assert beyond.reached == (at(120), 3)
+    open_ended = Slice(at(0), None, (at(40), 3), read=10)
+    slices.finished(open_ended)
+    assert (open_ended.reached, open_ended.complete) == ((at(40), 3), True)
+
+
+def test_cursor_is_the_end_of_the_committed_prefix() -> None:
+    """Slices [0,100) complete, [100,200) at t150, [200,…) complete. Result: the cursor stops at t150."""
+    a = Slice(at(0), at(100), (at(100), 0), read=5, done=True)
+    b = Slice(at(100), at(200), (at(150), 4), read=5)
+    c = Slice(at(200), None, (at(300), 9), read=5, done=True)
+    assert slices.contiguous_cursor([c, a, b]) == (at(150), 4)
+    slices.finished(b)
+    assert slices.contiguous_cursor([c, a, b]) == (at(300), 9)
+    held = Slice(at(0), at(100), (at(30), 2), read=5, done=True, held=True)
+    assert slices.contiguous_cursor([held, b, c]) == (at(30), 2)
+
+
+def test_remaining_is_estimated_from_the_density_read() -> None:
+    """100 orders read over the first 10 s of a 100 s window: 900 more expected, 9 pages of 100."""
+    s = Slice(at(0), None, (at(10), 1), read=100)
+    assert slices.remaining(s, at(100), 100) == 9.0
+    assert slices.remaining(Slice(at(0), at(50), (at(10), 1), read=100), at(100), 100) == 4.0
+    assert slices.remaining(Slice(at(0), None, (at(0), 0)), at(100), 100) == 0.0  # nothing read: unknown
+    burst = Slice(at(0), None, (at(0), 77), read=100)  # the first page covered no time at all: dense
+    assert slices.remaining(burst, at(100), 100) == 100.0
+    assert slices.remaining(Slice(at(0), None, (at(10), 1), read=100, done=True), at(100), 100) == 0.0
+    assert slices.remaining(Slice(at(0), None, (at(10), 1), read=100, held=True), at(100), 100) == 0.0
+    assert slices.remaining(Slice(at(0), at(5), (at(10), 1), read=100), at(100), 100) == 0.0
+
+
+def test_split_only_when_more_than_two_pages_are_left() -> None:
+    """A slice estimated at 9 pages left is split at the middle of what is left (whole milliseconds); one at 2 pages
+    or less, or a span under MIN_SPLIT_SPAN, is not."""
+    s = Slice(at(0), None, (at(10), 1), read=100)
+    assert slices.split_point(s, at(100.0005), 100) == at(55)
+    assert slices.split_point(Slice(at(0), None, (at(10), 1), read=20), at(100), 100) is None  # 1.8 pages
+    assert slices.split_point(Slice(at(0), None, (at(10), 1), read=25), at(100), 100) == at(55)  # 2.25 pages
+    tiny = Slice(at(0), None, (at(0.001), 1), read=100)
+    assert slices.split_point(tiny, at(3), 100) is None  # dense, but 1.5 s left: finer than MIN_SPLIT_SPAN
+
+
+def test_split_cuts_the_victim_and_the_new_slice_takes_the_rest() -> None:
+    every = [Slice(at(0), None, (at(10), 1), read=100)]
+    taken = slices.split(every, every[0], at(55))
+    assert (every[0].until, taken.start, taken.until, taken.reached) == (at(55), at(55), None, (at(55), 0))
+    assert every == [every[0], taken]
+
+
+def test_best_split_takes_the_busiest_slice_worth_splitting() -> None:
+    light = Slice(at(0), at(50), (at(10), 1), read=2)  # 8 orders left: 0.8 pages
+    heavy = Slice(at(50), None, (at(60), 1), read=100)  # 40 pages left
+    assert slices.best_split([light, heavy], at(100), 10) == (heavy, at(80))
+    assert slices.best_split([light], at(100), 10) is None
+
+
+# -- the invariant, over random interleavings -----------------------------------------------------------------
+
+
+@dataclass
+class Reader:
+    """A model of one slice's keyset walk: the page in flight, read with the ``until`` of its request time."""
+
+    s: Slice
+    position: Key
+    in_flight: list[Key] | None = None
+    full: bool = False
+
+
+@dataclass
+class Model:
+    orders: list[Key]
+    page: int
+    end: datetime
+    committed: set[Key] = field(default_factory=set)
+
+    def fetch(self, r: Reader) -> None:
+        upper = r.s.until
+        found = [k for k in self.orders if k > r.position and k[0] >= r.s.start and (upper is None or k[0] < upper)]
+        r.in_flight = sorted(found)[: self.page]
+        r.full = len(r.in_flight) == self.page
+
+    def commit(self, r: Reader, all_slices: list[Slice]) -> None:
+        page = r.in_flight or []
+        r.in_flight = None
+        self.committed.update(page)
+        if page:
+            r.position = page[-1]
+            slices.committed(r.s, page[-1], page[-1], len(page), False)
+        if not r.full or (r.s.until is not None and r.position[0] >= r.s.until):
+            slices.finished(r.s)
+        self.check(all_slices)
+
+    def check(self, all_slices: list[Slice]) -> None:
+        cursor = slices.contiguous_cursor(all_slices)
+        unread = [k for k in self.orders if k <= cursor and k not in self.committed]
+        assert not unread, f"cursor {cursor} passes unread orders {unread[:3]}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    times=st.lists(st.integers(0, 10_000), min_size=0, max_size=120),
+    page=st.integers(1, 7),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_cursor_never_passes_an_unread_order(times: list[int], page: int, seed: int) -> None:
+    """Random orders (many sharing a millisecond), random page sizes, readers interleaved at random, slices split
+    at random points — including while the victim's page is in flight under its old end. Result: after every
+    commit, every order at or before the cursor is committed; at the end every order is read and the cursor is
+    at or past the last one."""
+    rng = random.Random(seed)
+    orders = sorted({(T0 + timedelta(milliseconds=t), i + 1) for i, t in enumerate(times)})
+    end = T0 + timedelta(seconds=10)
+    model = Model(orders, page, end)
+    every = [slices.first_slice(T0)]
+    readers = [Reader(every[0], (T0, 0))]
+    while any(not r.s.done for r in readers):
+        active = [r for r in readers if not r.s.done]
+        r = rng.choice(active)
+        roll = rng.random()
+        if roll < 0.2:  # split a random busy slice at a random point of what it has left
+            upper = r.s.until or end
+            if upper > r.s.reached[0]:
+                cut = r.s.reached[0] + (upper - r.s.reached[0]) * rng.random()
+                cut = cut.replace(microsecond=cut.microsecond // 1000 * 1000)
+                if cut > r.s.start and cut > r.s.reached[0]:
+                    taken = slices.split(every, r.s, cut)
+                    readers.append(Reader(taken, (cut, 0)))
+        elif r.in_flight is None:
+            model.fetch(r)
+        else:
+            model.commit(r, every)
+    assert model.committed == set(orders)
+    if orders:
+        assert slices.contiguous_cursor(every) >= orders[-1]
