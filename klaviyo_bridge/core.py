@@ -105,10 +105,15 @@ NO_NAME = ProfileName(None, None, None, "none")
 
 @dataclass(frozen=True, slots=True)
 class ProfileChange:
-    """A profile upsert to queue: new email, or a name that should replace the one sent."""
+    """A profile upsert to queue: new email, or a name that should replace the one sent.
+
+    ``history`` when every order of the page with this email is history (backfill): nothing it names can fire
+    a flow soon, so it may wait for a full bulk import instead of going out at once.
+    """
 
     email: str
     name: ProfileName
+    history: bool = False
 
     def attributes(self) -> dict[str, Any]:
         """Return Klaviyo profile attributes: unknown fields omitted, except a real name's missing part.
@@ -214,6 +219,8 @@ def plan_page(
         _plan_order(plan, rules, order, known, names, now)
     # An order that went A→B→A within one page leaves memory as it was: nothing to store.
     plan.orders = {oid: mem for oid, mem in plan.orders.items() if known.get(oid) != mem}
+    live = {o.email for o in orders if o.email is not None and not is_backfill(o.updated_at, rules, now)}
+    plan.profiles = [replace(p, history=p.email not in live) for p in plan.profiles]
     return plan
 
 

@@ -5,24 +5,27 @@ success never lose a row: transient failures reschedule it with capped exponenti
 becomes a dead letter holding Klaviyo's response, and a refused key (401/403) pauses the whole customer,
 keeping its rows queued until a later probe succeeds. One customer's failures never touch another's rows.
 
-Routing (throughput):
-- Events: backfill events (payload ``"backfill": true``) and every event of a due queue of at least
-  ``bulk_events_min`` go through ``event-bulk-create-jobs`` (up to 1,000 events, well under 5 MB, never one
-  unique_id twice per request); live events of a short queue use ``POST /api/events``, the lowest latency.
-- Profiles: a due queue of at least ``bulk_profiles_min`` profiles, once the customer's list is known, goes
-  through profile import jobs that also add every profile to that list; rows a job reports as failed are
-  dead-lettered with Klaviyo's import error, the others are marked sent and on the list. Fewer profiles
-  use ``POST /api/profile-import`` and the list-add flush.
+Routing, by what a row is (not by how full the queue happens to be):
+- History (backfill: events recorded with ``"backfill": true``, and profiles of shoppers whose orders in the
+  page were all history) goes through ``event-bulk-create-jobs`` (1,000 events or 5 MB per request, never one
+  unique_id twice) and profile import jobs (10,000 profiles or 5 MB, each job also adding them to the list).
+  Only full requests go while the window is still being read, pipelined with the reading; the remainder goes
+  once the read is done (``final``). Nothing of it fires a flow, so nothing is lost by waiting for a full batch.
+- Live events use ``POST /api/events`` (the lowest latency); live profiles ``POST /api/profile-import`` and
+  the list-add flush. A live queue of at least ``BULK_EVENTS_MIN`` events or ``BULK_PROFILES_MIN`` profiles
+  (catching up after an outage) goes in bulk instead: singles could not keep up with Klaviyo's limits.
 - A bulk request Klaviyo refuses (4xx but 401/403) is bisected, so one bad row does not sink its batch; a
   refused chunk of at most ``BISECT_LEAF`` rows goes row by row through the single endpoints, and only the
   bad row is dead-lettered, with Klaviyo's response to it. A transient failure reschedules every row of
   the request.
-- Profiles go before live events: Klaviyo needs no profile before its events (an event upserts its profile by
-  email), but a live event may fire a flow at once, and the email it sends should greet the shopper by the
-  name the profile row carries. So live events wait until the profile lane has drained; backfill events
-  fire no flow and go out side by side with the profile lane (e.g. while an import job runs).
+- Live profiles go before live events: Klaviyo needs no profile before its events (an event upserts its profile
+  by email), but a live event may fire a flow at once, and the email it sends should greet the shopper by the
+  name the profile row carries. So live events wait until the live profile lane has drained (a live event also
+  makes its shopper's queued history profile live, in the store); history fires no flow and goes out side by
+  side with both (e.g. while an import job runs).
 - Within a lane, rows are fetched again only after every request for the previous fetch has ended, so a
-  row is never in two requests at once.
+  row is never in two requests of its lane at once. (A history profile that a live event makes live while its
+  import job runs may also go out as a single upsert: a profile upsert is idempotent, so that costs a request.)
 
 What reaches the log: a profile row is named ``profile=<ref>`` (``logs.profile_ref``), never by its email;
 a Klaviyo outage is summarised by ``health.UpstreamHealth`` (one line when it starts, one when it ends), the
@@ -108,14 +111,19 @@ def row_ref(row: OutboxRow) -> str:
     return f"profile={logs.profile_ref(row.key)}" if row.kind == "profile" else f"key={row.key}"
 
 
-def is_history(payload: Mapping[str, Any]) -> bool:
-    """Tell whether a stored event payload is history (recorded with ``backfill``, firing no flow)."""
-    return payload.get("backfill") is True
-
-
 def parse_payloads(rows: Sequence[OutboxRow]) -> list[Parsed]:
     """Pair each row with its payload, parsed once for whichever request carries it."""
     return [(row, json.loads(row.payload)) for row in rows]
+
+
+def ready_chunks(chunks: list[list[int]], max_items: int, final: bool) -> list[list[int]]:
+    """Return the chunks to send now: all when ``final``, else only full ones (the last may still grow).
+
+    ``plan_chunks`` fills greedily, so every chunk but the last is full (by count or by bytes).
+    """
+    if final or not chunks:
+        return chunks
+    return chunks if len(chunks[-1]) >= max_items else chunks[:-1]
 
 
 def halves(items: Sequence[Parsed]) -> tuple[Sequence[Parsed], Sequence[Parsed]]:
@@ -152,23 +160,33 @@ class Deliverer:
         self._streak_on_record: bool | None = None
         self._refusal_logged_at: float | None = None
 
-    async def deliver_due(self) -> int:
-        """Send every row due now (live events after the profiles); return how many rows were attempted."""
+    async def deliver_due(self, *, final: bool = True) -> int:
+        """Send every row due now; return how many rows were attempted.
+
+        History rows go in full bulk requests only, unless ``final`` (the window being read is done): then the
+        remainder goes too. Live profiles go before live events; history goes side by side with both.
+        """
         # One cheap query decides the common idle case (a thousand idle customers each look once a minute).
         if self.key_refused or not await self.store.due_rows(self.customer_id, self.clock(), 1):
             return 0
-        profiles_done = asyncio.Event()
-        profiles, events = await together(self._drain_profiles(profiles_done), self._drain_events(profiles_done))
-        return profiles + events
+        live_profiles_done = asyncio.Event()
+        counts = await together(
+            self._drain_live_profiles(live_profiles_done),
+            self._drain_live_events(live_profiles_done),
+            self._drain_history_profiles(final),
+            self._drain_history_events(final),
+        )
+        return sum(counts)
 
-    async def _drain_profiles(self, done: asyncio.Event) -> int:
-        """Send due profile rows round by round, joining the list after each round; then set ``done``."""
+    async def _due_profiles(self, history: bool) -> list[OutboxRow]:
+        """Return due profile rows, history or live."""
+        return await self.store.due_rows(self.customer_id, self.clock(), PROFILE_FETCH, "profile", history=history)
+
+    async def _drain_live_profiles(self, done: asyncio.Event) -> int:
+        """Send due live profiles round by round, joining the list after each round; then set ``done``."""
         attempted = 0
         try:
-            while not self.key_refused:
-                rows = await self.store.due_rows(self.customer_id, self.clock(), PROFILE_FETCH, "profile")
-                if not rows:
-                    break
+            while not self.key_refused and (rows := await self._due_profiles(False)):
                 await self.send_profiles(rows)
                 attempted += len(rows)
                 await self.flush_list_members()
@@ -176,16 +194,51 @@ class Deliverer:
             done.set()
         return attempted
 
-    async def _drain_events(self, profiles_done: asyncio.Event) -> int:
-        """Send due event rows round by round (live ones once ``profiles_done`` is set)."""
+    async def _drain_live_events(self, profiles_done: asyncio.Event) -> int:
+        """Send due live events once the live profiles are in: one by one, or in bulk for a long catch-up queue."""
         attempted = 0
         while not self.key_refused:
-            rows = await self.store.due_rows(self.customer_id, self.clock(), EVENT_FETCH, "event")
+            rows = await self.store.due_rows(self.customer_id, self.clock(), EVENT_FETCH, "event", history=False)
             if not rows:
                 break
-            rows = await self._without_disabled(rows)
-            await self.send_events(rows, profiles_done)
-            attempted += len(rows)
+            live = parse_payloads(await self._without_disabled(rows))
+            await profiles_done.wait()
+            if len(live) >= BULK_EVENTS_MIN:
+                await self.send_event_chunks(live)
+            else:
+                await self.send_singles(live)
+            attempted += len(live)
+        return attempted
+
+    async def _drain_history_profiles(self, final: bool) -> int:
+        """Import history profiles in full jobs (up to 10,000 profiles or 5 MB); the remainder when ``final``."""
+        attempted = 0
+        while not self.key_refused and (rows := await self._due_profiles(True)):
+            list_id = (await self.store.customer_state(self.customer_id)).list_id
+            if list_id is None:  # set-up comes first; without the list a job could not add the profiles to it
+                break
+            parsed = parse_payloads(rows)
+            sizes = [len(row.payload.encode()) + PROFILE_WRAPPER_BYTES for row in rows]
+            chunks = ready_chunks(plan_chunks(sizes, None, max_items=MAX_BULK_PROFILES), MAX_BULK_PROFILES, final)
+            if not chunks:
+                break
+            await together(*(self._import([parsed[i] for i in chunk], list_id) for chunk in chunks))
+            attempted += sum(len(chunk) for chunk in chunks)
+        return attempted
+
+    async def _drain_history_events(self, final: bool) -> int:
+        """Send history events in full bulk requests (up to 1,000 events or 5 MB); the remainder when ``final``."""
+        attempted = 0
+        while not self.key_refused:
+            rows = await self.store.due_rows(self.customer_id, self.clock(), EVENT_FETCH, "event", history=True)
+            if not rows:
+                break
+            parsed = parse_payloads(await self._without_disabled(rows))
+            chunks = ready_chunks(self._event_chunks(parsed), MAX_BULK_EVENTS, final)
+            if not chunks:
+                break
+            await together(*(self._bulk_events([parsed[i] for i in chunk]) for chunk in chunks))
+            attempted += sum(len(chunk) for chunk in chunks)
         return attempted
 
     async def _without_disabled(self, rows: list[OutboxRow]) -> list[OutboxRow]:
@@ -201,7 +254,7 @@ class Deliverer:
     # -- routing -------------------------------------------------------------------------------------------
 
     async def send_profiles(self, rows: list[OutboxRow]) -> None:
-        """Import profiles by job when there are many and the list is known, else one by one."""
+        """Import live profiles by job when there are many and the list is known, else one by one."""
         list_id = (await self.store.customer_state(self.customer_id)).list_id
         parsed = parse_payloads(rows)
         if list_id is None or len(rows) < BULK_PROFILES_MIN:
@@ -212,33 +265,15 @@ class Deliverer:
         chunks = plan_chunks(sizes, None, max_items=MAX_BULK_PROFILES)
         await together(*(self._import([parsed[i] for i in chunk], list_id) for chunk in chunks))
 
-    async def send_events(self, rows: list[OutboxRow], profiles_done: asyncio.Event | None = None) -> None:
-        """Send backfill events and long queues in bulk, live events of a short queue one by one.
-
-        Backfill events go at once; live events wait for ``profiles_done`` (their names must be in first).
-        """
-        parsed = parse_payloads(rows)
-        history = [item for item in parsed if is_history(item[1])]
-        live = [item for item in parsed if not is_history(item[1])]
-        bulk = len(rows) >= BULK_EVENTS_MIN
-        await together(self.send_event_chunks(history), self._send_live(live, bulk, profiles_done))
-
-    async def _send_live(self, live: Sequence[Parsed], bulk: bool, profiles_done: asyncio.Event | None) -> None:
-        """Send live events once the profile lane is done: in bulk for a long queue, else one by one."""
-        if not live:
-            return
-        if profiles_done is not None:
-            await profiles_done.wait()
-        if bulk:
-            await self.send_event_chunks(live)
-        else:
-            await self.send_singles(live)
+    def _event_chunks(self, items: Sequence[Parsed]) -> list[list[int]]:
+        """Split events into bulk requests within Klaviyo's count, size and unique_id rules."""
+        sizes = [len(row.payload.encode()) + EVENT_WRAPPER_BYTES for row, _ in items]
+        keys = [(payload.get("email"), payload.get("metric"), row.key) for row, payload in items]
+        return plan_chunks(sizes, keys, max_items=MAX_BULK_EVENTS)
 
     async def send_event_chunks(self, items: Sequence[Parsed]) -> None:
         """Send events in bulk requests within Klaviyo's count, size and unique_id rules."""
-        sizes = [len(row.payload.encode()) + EVENT_WRAPPER_BYTES for row, _ in items]
-        keys = [(payload.get("email"), payload.get("metric"), row.key) for row, payload in items]
-        chunks = plan_chunks(sizes, keys, max_items=MAX_BULK_EVENTS)
+        chunks = self._event_chunks(items)
         await together(*(self._bulk_events([items[i] for i in chunk]) for chunk in chunks))
 
     async def send_singles(self, items: Sequence[Parsed]) -> None:

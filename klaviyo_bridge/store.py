@@ -29,6 +29,7 @@ Invariants kept here (the schema's and the rows' own are in ``store_schema`` and
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
@@ -52,7 +53,9 @@ from .store_rows import (
     DeadLetter,
     DeadRow,
     OutboxRow,
+    PendingPoll,
     RowKind,
+    Totals,
     chunks,
     clear_malformed,
     clip,
@@ -68,6 +71,7 @@ from .store_rows import (
     iso,
     mark_rows_sent,
     marks,
+    merge_poll,
     opt_dt,
     opt_str,
     outbox_row,
@@ -77,12 +81,15 @@ from .store_rows import (
     read_counts,
     read_memory,
     read_names,
+    read_totals,
     record_invalid_emails,
     record_malformed,
     record_profile_id,
     set_cursor,
     upsert_names,
     upsert_orders,
+    with_poll,
+    write_polls,
 )
 from .store_schema import (
     SCHEMA_VERSION,
@@ -103,6 +110,8 @@ from .whiplash import TokenRecord
 
 log = logging.getLogger(__name__)
 
+POLL_FLUSH_S = 2.0  # poll outcomes of every customer are written together this often
+
 
 class Store:
     """The bridge's SQLite state, behind one serialised writer connection."""
@@ -118,6 +127,8 @@ class Store:
         # Customers are never deleted, so once inserted (or seen) a customer needs no further write transaction:
         # skipping it halves the cost of an idle poll.
         self._known_customers: set[int] = set()
+        self._polls: dict[int, PendingPoll] = {}  # poll outcomes not yet written (record_poll)
+        self._flush_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, *, readonly: bool = False) -> Store:
@@ -149,7 +160,15 @@ class Store:
         return self._path
 
     async def close(self) -> None:
-        """Close the connection once any running transaction has finished."""
+        """Write the recorded polls, then close the connection once any running transaction has finished."""
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            await asyncio.gather(self._flush_task, return_exceptions=True)
+        if not self._readonly:
+            try:
+                await self.flush_polls()
+            except StoreError as exc:
+                log.error("poll outcomes not recorded at close error=%s", exc)
         async with self._lock:
             await self._db.close()
 
@@ -199,10 +218,10 @@ class Store:
         self._known_customers.add(customer_id)
 
     async def customer_state(self, customer_id: int) -> CustomerState:
-        """Return what the store knows about a customer (defaults if never seen)."""
+        """Return what the store knows about a customer (defaults if never seen), polls not yet written included."""
         async with self._read() as db:
             row = await fetch_one(db, "SELECT * FROM customers WHERE customer_id = ?", (customer_id,))
-        return customer_state(customer_id, row)
+        return with_poll(customer_state(customer_id, row), self._polls.get(customer_id))
 
     async def set_list_id(self, customer_id: int, list_id: str) -> None:
         """Record the id of the customer's Klaviyo list."""
@@ -222,18 +241,66 @@ class Store:
             )
         return row is None or bool(row["key_healthy"]) != healthy
 
-    async def record_poll(self, customer_id: int, now: datetime, ok: bool, error: str | None) -> None:
-        """Record a poll's outcome: success clears the last error, failure records it."""
-        stamp = iso(now)
+    async def record_poll(
+        self, customer_id: int, now: datetime, ok: bool, error: str | None, *, interval_s: float | None = None
+    ) -> None:
+        """Record a poll's outcome (success clears the last error, failure records it) and the interval achieved.
+
+        Written within POLL_FLUSH_S, together with every other customer's: a thousand idle customers would
+        otherwise pay one fsync'd transaction per poll. This store's reads see it at once; a crash loses at
+        most those seconds of poll times, which only ``status`` shows.
+        """
+        iso(now)  # a naive time is refused here, by the caller, not later by the flush
+        self._polls[customer_id] = merge_poll(self._polls.get(customer_id), now, ok, clip(error), interval_s)
+        if self._flush_task is None:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_later(), name="store-polls")
+
+    async def flush_polls(self) -> None:
+        """Write the poll outcomes recorded since the last flush, all in one transaction."""
+        pending, self._polls = self._polls, {}
+        if not pending:
+            return
+        try:
+            async with self._write() as db:
+                await write_polls(db, pending)
+        except BaseException:
+            self._polls = pending | self._polls  # kept for the next flush; newer records win
+            raise
+
+    async def _flush_later(self) -> None:
+        """Flush the recorded polls after POLL_FLUSH_S; a failed write is logged and retried with the next."""
+        try:
+            await asyncio.sleep(POLL_FLUSH_S)
+            await self.flush_polls()
+        except StoreError as exc:
+            log.error("poll outcomes not recorded customers=%d error=%s action=%s", len(self._polls), exc,
+                      "retried with the next poll; check the state DB's disk (space, permissions, other processes)")
+        finally:
+            self._flush_task = None
+
+    async def move_cursor(self, customer_id: int, cursor: tuple[datetime, int]) -> None:
+        """Move the customer's cursor alone (a sliced walk whose finished slice completed the prefix)."""
         async with self._write() as db:
-            await ensure_customer(db, customer_id)
+            await set_cursor(db, customer_id, cursor)
+            failpoints.hit("during_cursor_update")
+
+    async def save_budget(self, snapshot: Mapping[str, object]) -> None:
+        """Keep the Whiplash budget's latest use (a JSON object) for ``status``, which runs in another process."""
+        async with self._write() as db:
             await db.execute(
-                """UPDATE customers SET last_poll_at = ?,
-                     last_poll_ok_at = CASE WHEN ? THEN ? ELSE last_poll_ok_at END,
-                     last_error = CASE WHEN ? THEN NULL ELSE ? END
-                   WHERE customer_id = ?""",
-                (stamp, ok, stamp, ok, clip(error), customer_id),
+                "INSERT INTO meta (name, value) VALUES ('whiplash_budget', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (json.dumps(snapshot, sort_keys=True),),
             )
+
+    async def load_budget(self) -> dict[str, object] | None:
+        """Return the Whiplash budget's use the daemon last saved (None: never saved)."""
+        async with self._read() as db:
+            row = await fetch_one(db, "SELECT value FROM meta WHERE name = 'whiplash_budget'")
+        if row is None:
+            return None
+        value = json.loads(row["value"])
+        return value if isinstance(value, dict) else None
 
     async def record_klaviyo_error(self, customer_id: int, error: str, now: datetime) -> None:
         """Record a Klaviyo failure of the customer; the streak starts at the first one since a success."""
@@ -391,16 +458,18 @@ class Store:
     # -- sending -------------------------------------------------------------------------------------------
 
     async def due_rows(
-        self, customer_id: int, now: datetime, limit: int, kind: RowKind | None = None
+        self, customer_id: int, now: datetime, limit: int, kind: RowKind | None = None, *,
+        history: bool | None = None,
     ) -> list[OutboxRow]:
-        """Return up to ``limit`` pending rows due at ``now``, oldest first."""
+        """Return up to ``limit`` pending rows due at ``now`` (of one kind, history or live), oldest first."""
+        flag = None if history is None else int(history)
         async with self._read() as db:
             rows = await fetch_all(
                 db,
-                "SELECT id, customer_id, kind, key, payload, version, attempts FROM outbox "
+                "SELECT id, customer_id, kind, key, payload, version, attempts, history FROM outbox "
                 f"WHERE customer_id = ? AND {PENDING} AND next_attempt_at <= ? AND (? IS NULL OR kind = ?) "
-                "ORDER BY id LIMIT ?",
-                (customer_id, iso(now), kind, kind, limit),
+                "AND (? IS NULL OR history = ?) ORDER BY id LIMIT ?",
+                (customer_id, iso(now), kind, kind, flag, flag, limit),
             )
         return [outbox_row(r) for r in rows]
 
@@ -499,6 +568,11 @@ class Store:
         orders with an invalid email; say when the oldest row still waiting was queued."""
         async with self._read() as db:
             return await read_counts(db, customer_id, since)
+
+    async def totals(self, customer_ids: Iterable[int], since: datetime) -> Totals:
+        """Return queued, sent-since and dead rows and refused keys summed over ``customer_ids`` (one query)."""
+        async with self._read() as db:
+            return await read_totals(db, customer_ids, since)
 
     async def profiles_with_ref(self, ref: str) -> list[tuple[int, str]]:
         """Return (customer id, email) of every known profile whose log reference is ``ref``."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final, Literal, TypeVar, cast
 
@@ -40,6 +40,7 @@ class OutboxRow:
     payload: str  # JSON text, sent byte-for-byte on every attempt
     version: int  # bumped when a queued profile row is replaced; mark_sent only matches this version
     attempts: int
+    history: bool = False  # backfill: goes out in full bulk requests, not one by one
 
 @dataclass(frozen=True, slots=True)
 class CustomerState:
@@ -59,6 +60,16 @@ class CustomerState:
     klaviyo_error_at: datetime | None = None
     klaviyo_failing_since: datetime | None = None  # first failure of the current streak
     dropped_rows: int = 0  # queued rows dropped because their event was disabled for this customer
+    poll_interval_s: float | None = None  # seconds between the last two polls: the interval really achieved
+
+@dataclass(frozen=True, slots=True)
+class PendingPoll:
+    """Poll outcomes of one customer recorded since the last write, merged: what the row will say."""
+
+    at: datetime
+    ok_at: datetime | None  # the last successful poll among them (None: keep the stored one)
+    error: str | None  # the last poll's error (None when it succeeded)
+    interval_s: float | None  # None: keep the stored one
 
 @dataclass(frozen=True, slots=True)
 class Counts:
@@ -229,16 +240,23 @@ async def upsert_names(db: aiosqlite.Connection, customer_id: int, names: Mappin
         ],
     )
 
-_INSERT_PROFILE: Final = """INSERT INTO outbox (customer_id, kind, key, payload, created_at, next_attempt_at)
-    VALUES (?, 'profile', ?, ?, ?, ?)"""
+_INSERT_PROFILE: Final = """INSERT INTO outbox (customer_id, kind, key, payload, created_at, next_attempt_at, history)
+    VALUES (?, 'profile', ?, ?, ?, ?, ?)"""
 
-# A new version keeps an in-flight send of the old payload from marking the replaced row sent.
-_REPLACE_PENDING_PROFILE: Final = """UPDATE outbox SET payload = ?, version = version + 1, next_attempt_at = ?
+# A new version keeps an in-flight send of the old payload from marking the replaced row sent. Live wins: a
+# pending row that something live needs stays live.
+_REPLACE_PENDING_PROFILE: Final = """UPDATE outbox SET payload = ?, version = version + 1, next_attempt_at = ?,
+      history = MIN(history, ?)
     WHERE customer_id = ? AND kind = 'profile' AND key = ?"""
 
-_REQUEUE_PROFILE: Final = """UPDATE outbox SET payload = ?, version = version + 1, next_attempt_at = ?,
+_REQUEUE_PROFILE: Final = """UPDATE outbox SET payload = ?, version = version + 1, next_attempt_at = ?, history = ?,
       attempts = 0, sent_at = NULL, dead_at = NULL, last_status = NULL, last_error = NULL, response = NULL
     WHERE customer_id = ? AND kind = 'profile' AND key = ?"""
+
+# A live event's shopper must be named before its flow's email goes: a pending history profile of that email
+# becomes live (sent at once) instead of waiting for a full import.
+_LIVEN_PROFILE: Final = f"""UPDATE outbox SET history = 0
+    WHERE customer_id = ? AND kind = 'profile' AND key = ? AND history = 1 AND {PENDING}"""
 
 async def _profile_rows(
     db: aiosqlite.Connection, customer_id: int, emails: Sequence[str]
@@ -263,13 +281,16 @@ async def queue_profiles(
     New emails get a row; a pending row with a different payload is replaced (version bumped); a sent or dead
     row is made pending again with the new payload. A pending row with the same payload is left alone.
     """
-    payloads = {c.email: _profile_payload(c) for c in changes}  # the last change of an email wins
+    last = {c.email: c for c in changes}  # the last change of an email wins
+    payloads = {e: _profile_payload(c) for e, c in last.items()}
+    history = {e: int(c.history) for e, c in last.items()}
     existing = await _profile_rows(db, customer_id, list(payloads))
     stamp = iso(now)
-    fresh = [(customer_id, e, p, stamp, stamp) for e, p in payloads.items() if e not in existing]
+    fresh = [(customer_id, e, p, stamp, stamp, history[e]) for e, p in payloads.items() if e not in existing]
     changed = [e for e, (old, pending) in existing.items() if pending and old != payloads[e]]
-    replaced = [(payloads[e], stamp, customer_id, e) for e in changed]
-    requeued = [(payloads[e], stamp, customer_id, e) for e, (_, pending) in existing.items() if not pending]
+    replaced = [(payloads[e], stamp, history[e], customer_id, e) for e in changed]
+    requeued = [(payloads[e], stamp, history[e], customer_id, e) for e, (_, pending) in existing.items()
+                if not pending]
     await run_many(db, _INSERT_PROFILE, fresh)
     await run_many(db, _REPLACE_PENDING_PROFILE, replaced)
     await run_many(db, _REQUEUE_PROFILE, requeued)
@@ -278,15 +299,26 @@ async def queue_profiles(
 async def queue_events(
     db: aiosqlite.Connection, customer_id: int, events: Sequence[EventRow], now: datetime
 ) -> int:
-    """Insert event rows whose unique_id this customer never had; return how many were new."""
+    """Insert event rows whose unique_id this customer never had; return how many were new.
+
+    A backfill event is a history row; a live one makes its shopper's pending history profile live.
+    """
     stamp = iso(now)
     # DO NOTHING on the key only: unlike INSERT OR IGNORE it cannot swallow a NOT NULL or CHECK failure.
-    return await run_many(
+    inserted = await run_many(
         db,
-        """INSERT INTO outbox (customer_id, kind, key, payload, created_at, next_attempt_at)
-           VALUES (?, 'event', ?, ?, ?, ?) ON CONFLICT (customer_id, kind, key) DO NOTHING""",
-        [(customer_id, e.unique_id, _event_payload(e), stamp, stamp) for e in events],
+        """INSERT INTO outbox (customer_id, kind, key, payload, created_at, next_attempt_at, history)
+           VALUES (?, 'event', ?, ?, ?, ?, ?) ON CONFLICT (customer_id, kind, key) DO NOTHING""",
+        [(customer_id, e.unique_id, _event_payload(e), stamp, stamp, int(is_history_event(e))) for e in events],
     )
+    live_emails = {str(e.payload["email"]) for e in events if not is_history_event(e) and e.payload.get("email")}
+    await run_many(db, _LIVEN_PROFILE, [(customer_id, email) for email in sorted(live_emails)])
+    return inserted
+
+
+def is_history_event(event: EventRow) -> bool:
+    """Tell whether an event is history: recorded with ``backfill``, it fires no flow."""
+    return event.payload.get("backfill") is True
 
 async def clear_malformed(db: aiosqlite.Connection, customer_id: int, order_ids: Iterable[int]) -> None:
     """Forget malformed records of orders that have now been read successfully."""
@@ -372,6 +404,7 @@ def outbox_row(row: sqlite3.Row) -> OutboxRow:
         payload=str(row["payload"]),
         version=int(row["version"]),
         attempts=int(row["attempts"]),
+        history=bool(row["history"]),
     )
 
 def dead_row(row: sqlite3.Row) -> DeadRow:
@@ -424,7 +457,43 @@ def customer_state(customer_id: int, row: sqlite3.Row | None) -> CustomerState:
         klaviyo_error_at=opt_dt(row["klaviyo_error_at"]),
         klaviyo_failing_since=opt_dt(row["klaviyo_failing_since"]),
         dropped_rows=int(row["dropped_rows"]),
+        poll_interval_s=None if row["poll_interval_s"] is None else float(row["poll_interval_s"]),
     )
+
+def merge_poll(
+    prev: PendingPoll | None, at: datetime, ok: bool, error: str | None, interval_s: float | None
+) -> PendingPoll:
+    """Add one poll outcome to those not yet written: a success clears the error, a failure keeps the last success."""
+    ok_at = at if ok else (prev.ok_at if prev is not None else None)
+    interval = interval_s if interval_s is not None else (prev.interval_s if prev is not None else None)
+    return PendingPoll(at, ok_at, None if ok else error, interval)
+
+
+def with_poll(state: CustomerState, poll: PendingPoll | None) -> CustomerState:
+    """Return ``state`` as it will read once ``poll`` is written."""
+    if poll is None:
+        return state
+    return replace(
+        state,
+        last_poll_at=poll.at,
+        last_poll_ok_at=poll.ok_at or state.last_poll_ok_at,
+        last_error=poll.error,
+        poll_interval_s=poll.interval_s if poll.interval_s is not None else state.poll_interval_s,
+    )
+
+
+async def write_polls(db: aiosqlite.Connection, polls: Mapping[int, PendingPoll]) -> None:
+    """Write merged poll outcomes of many customers (inside the caller's transaction)."""
+    await run_many(db, "INSERT INTO customers (customer_id) VALUES (?) ON CONFLICT DO NOTHING",
+                   [(cid,) for cid in polls])
+    await run_many(
+        db,
+        """UPDATE customers SET last_poll_at = ?, last_poll_ok_at = COALESCE(?, last_poll_ok_at), last_error = ?,
+             poll_interval_s = COALESCE(?, poll_interval_s)
+           WHERE customer_id = ?""",
+        [(iso(p.at), iso(p.ok_at) if p.ok_at else None, p.error, p.interval_s, cid) for cid, p in polls.items()],
+    )
+
 
 def profile_name(row: sqlite3.Row) -> ProfileName:
     """Build a ProfileName from a profiles row."""
@@ -512,6 +581,32 @@ async def read_counts(db: aiosqlite.Connection, customer_id: int, since: datetim
     oldest = None if row is None else opt_dt(row[4])
     return Counts(queued=q, sent=s, sent_since=ss, dead=d, malformed=malformed, invalid_email=invalid,
                   oldest_queued_at=oldest)
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Counts over many customers at once (systemd's STATUS= line)."""
+
+    queued: int
+    sent_since: int
+    dead: int
+    key_refused: int
+
+
+async def read_totals(db: aiosqlite.Connection, customer_ids: Iterable[int], since: datetime) -> Totals:
+    """Count queued, recently sent and dead rows, and refused keys, of these customers in one statement."""
+    ids = json.dumps(sorted(customer_ids))
+    row = await fetch_one(
+        db,
+        f"""WITH chosen(id) AS (SELECT value FROM json_each(?))
+            SELECT (SELECT count(*) FROM outbox WHERE customer_id IN chosen AND {PENDING}),
+                   (SELECT count(*) FROM outbox WHERE customer_id IN chosen AND sent_at >= ?),
+                   (SELECT count(*) FROM outbox WHERE customer_id IN chosen AND dead_at IS NOT NULL),
+                   (SELECT count(*) FROM customers WHERE customer_id IN chosen AND key_healthy = 0)""",
+        (ids, iso(since)),
+    )
+    values = (0, 0, 0, 0) if row is None else tuple(int(v) for v in tuple(row))
+    return Totals(*values)
 
 
 async def compact(db: aiosqlite.Connection, cutoff: str) -> int:

@@ -136,8 +136,18 @@ async def _migrate_v3(db: aiosqlite.Connection) -> None:
         ) WITHOUT ROWID"""
     )
 
+async def _migrate_v4(db: aiosqlite.Connection) -> None:
+    """Mark history rows (sent by full bulk requests, not one by one) and record each customer's real interval."""
+    await db.execute("ALTER TABLE outbox ADD COLUMN history INTEGER NOT NULL DEFAULT 0")
+    # Queued backfill events are history; queued profiles stay live (sent at once, as before the upgrade).
+    await db.execute(
+        """UPDATE outbox SET history = 1 WHERE kind = 'event' AND sent_at IS NULL AND dead_at IS NULL
+             AND json_extract(payload, '$.backfill') = 1"""
+    )
+    await db.execute("ALTER TABLE customers ADD COLUMN poll_interval_s REAL")
+
 # Append-only: entry i migrates user_version i to i + 1. Never edit a released migration.
-_MIGRATIONS: Final[tuple[Migration, ...]] = (_migrate_v1, _migrate_v2, _migrate_v3)
+_MIGRATIONS: Final[tuple[Migration, ...]] = (_migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4)
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 

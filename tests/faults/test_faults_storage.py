@@ -252,27 +252,30 @@ async def test_v1_database_is_migrated_with_its_data(tmp_path: Path) -> None:
         INSERT INTO orders (customer_id, order_id, status, announced) VALUES (7, 99, 300, 5), (7, 98, 100, 1);
         INSERT INTO outbox (customer_id, kind, key, payload, created_at, next_attempt_at)
           VALUES (7, 'event', '99:shipped', '{"unique_id":"99:shipped"}', '2026-01-02T03:04:05.000000+00:00',
-                  '2026-01-02T03:04:05.000000+00:00');"""
+                  '2026-01-02T03:04:05.000000+00:00'),
+                 (7, 'event', '98:processing', '{"backfill":true,"unique_id":"98:processing"}',
+                  '2026-01-02T03:04:05.000000+00:00', '2026-01-02T03:04:05.000000+00:00');"""
     )
     db.commit()
     db.close()
     now = datetime.now(UTC)
     async with await Store.open(path) as store:
-        assert SCHEMA_VERSION == 3
+        assert SCHEMA_VERSION == 4
         state = await store.customer_state(7)
         assert state.cursor == (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), 99)
         assert (state.list_id, state.setup_done, state.reconciled_at) == ("LiSt01", True, None)
         memory = await store.load_memory(7, [98, 99])
         assert memory == {99: OrderMemory(300, frozenset({EventKind.PROCESSING, EventKind.SHIPPED})),
                           98: OrderMemory(100, frozenset({EventKind.PROCESSING}))}
-        [row] = await store.due_rows(7, now, 10)
-        assert (row.key, row.payload) == ("99:shipped", '{"unique_id":"99:shipped"}')
+        live, history = await store.due_rows(7, now, 10)
+        assert (live.key, live.payload, live.history) == ("99:shipped", '{"unique_id":"99:shipped"}', False)
+        assert (history.key, history.history) == ("98:processing", True)  # v4: queued backfill events are history
         assert await store.orders_to_reconcile(7, [300], EventKind.DELIVERED, now - timedelta(days=30)) == [99]
         assert await store.orders_to_reconcile(7, [300], EventKind.DELIVERED, now + timedelta(minutes=1)) == []
         assert await store.integrity_ok()
         assert len(store.profile_key) == 32  # v3: the key profile references in logs are made with
         assert (await store.counts(7, now)).invalid_email == 0
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 async def test_corrupt_state_db_refuses_to_start_and_sends_nothing(tmp_path: Path) -> None:
