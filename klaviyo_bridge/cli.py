@@ -24,7 +24,16 @@ from .config import Settings, default_config_path, load_or_report
 from .errors import StoreError
 from .exits import CHECK_UNKNOWN, CONFIG_HELP, EPILOG, EX_CONFIG, EX_FATAL, EX_OK, EX_UNHEALTHY, EX_USAGE
 from .sandbox import cli as sandbox_cli
-from .status import CHECK_NAME, StatusRow, check, render_status, resolve_profile, stale_limit, status_rows
+from .status import (
+    CHECK_NAME,
+    StatusRow,
+    check,
+    render_status,
+    resolve_profile,
+    stale_limit,
+    status_report,
+    status_rows,
+)
 
 log = logging.getLogger("klaviyo_bridge")
 DESCRIPTION = "Send a 3PL's Whiplash order statuses into each merchant's own Klaviyo account."
@@ -113,7 +122,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.profile is not None:
         return _print_profile(settings, args.profile)
     try:
-        rows = asyncio.run(status_rows(settings, datetime.now(UTC)))
+        rows, budget = asyncio.run(status_report(settings, datetime.now(UTC)))
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EX_FATAL
@@ -121,6 +130,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         print(render_status(rows))
+        print(budget)
     return EX_UNHEALTHY if _any_stale(rows, settings) else EX_OK
 
 

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # --- lifecycle: workers, watchdog, reload ----------------------------------------------------------------
 
 SENT_WINDOW = timedelta(minutes=1)
+BUDGET_SNAPSHOT_S = 10.0  # how often the Whiplash budget's use is saved for `status` (another process)
 # Sent rows older than this keep their unique_id key (the never-twice guard) but lose their payload.
 RETENTION = timedelta(days=30)
 RETENTION_EVERY = timedelta(days=1)
@@ -61,7 +62,10 @@ def stall_window(settings: Settings) -> float:
     # A poll that fails the slow way (every try timing out) still ends within the retry budget plus a
     # request, a token exchange and the retry after a 401; only a hang outlasts this, and a restart may cure it.
     slowest_failure = whiplash.RETRY_BUDGET_S + 3 * settings.whiplash.timeout_seconds
-    return 2 * settings.bridge.poll_interval_seconds + slowest_failure
+    # A budget too small for every customer once per interval lengthens every round by this much: waiting
+    # one's turn for the shared budget is not a stall.
+    round_s = len(settings.enabled_customers()) / settings.whiplash.max_requests_per_second
+    return 2 * (settings.bridge.poll_interval_seconds + round_s) + slowest_failure
 
 
 @dataclass(eq=False, slots=True)
@@ -312,6 +316,7 @@ class Daemon:
         )
         self._sessions = [whiplash_session, klaviyo_session]
         self._whiplash = WhiplashClient.from_settings(s.whiplash, whiplash_session, self._store)
+        self.metrics.watch_budget(self._whiplash.budget.usage)
         await self._start_metrics()
         log.info("started customers=%d state=%s once=%s", len(s.enabled_customers()), s.bridge.state_path,
                  self.once)
@@ -378,6 +383,16 @@ class Daemon:
         if self.notifier.enabled:
             self._background.append(asyncio.create_task(self._report_status(), name="status"))
         self._background.append(asyncio.create_task(self._retain(), name="retention"))
+        self._background.append(asyncio.create_task(self._save_budget(), name="budget"))
+
+    async def _save_budget(self) -> None:
+        """Save the Whiplash budget's use every BUDGET_SNAPSHOT_S for `status` (one small write, shared by all)."""
+        assert self._store is not None, "startup() first"
+        assert self._whiplash is not None, "startup() first"
+        while not self.stop.is_set():
+            snapshot = {"at": self.clock().isoformat(), **self._whiplash.budget.usage().as_json()}
+            await guarded(self._store.save_budget(snapshot), "budget snapshot")
+            await sleep_unless(self.stop, BUDGET_SNAPSHOT_S)
 
     async def _retain(self) -> None:
         """Once a day, shrink rows sent more than RETENTION ago (keys stay, so nothing is ever re-sent)."""
@@ -402,16 +417,15 @@ class Daemon:
         assert self._store is not None
         now = self.clock()
         workers = self.pool.workers()
-        queued = sent = dead = refused = prelaunch = 0
-        for w in workers:
-            counts = await self._store.counts(w.cid, now - SENT_WINDOW)
-            queued, sent, dead = queued + counts.queued, sent + counts.sent_since, dead + counts.dead
-            refused += not (await self._store.customer_state(w.cid)).key_healthy
-            prelaunch += not w.is_launched(now)
+        # One query for every customer: a thousand customers must not cost two thousand queries a minute.
+        totals = await self._store.totals([w.cid for w in workers], now - SENT_WINDOW)
+        queued, sent, dead, refused = totals.queued, totals.sent_since, totals.dead, totals.key_refused
+        prelaunch = sum(not w.is_launched(now) for w in workers)
         last = max((w.last_cycle_at for w in workers if w.last_cycle_at), default=None)
         stalled = sum(time.monotonic() - w.progress > stall_window(self.settings) for w in workers)
+        budget = "" if self._whiplash is None else " " + self._whiplash.budget.usage().status_text()
         return (f"customers={len(workers)} prelaunch={prelaunch} key_refused={refused} stalled={stalled} "
-                f"queued={queued} sent_1m={sent} dead={dead} "
+                f"queued={queued} sent_1m={sent} dead={dead}{budget} "
                 f"last_cycle={last.strftime('%H:%M:%SZ') if last else '-'}{self._reload_note}")
 
     # -- reload ---------------------------------------------------------------------------------------------

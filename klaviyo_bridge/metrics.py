@@ -16,12 +16,16 @@ that every name they use is one the running daemon exports.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
+from .budget import BudgetUsage
 from .config import BridgeSettings
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,12 @@ class NoMetrics:
     def set_error_streak(self, upstream: str, customer_id: int, seconds: float) -> None:
         """Do nothing."""
 
+    def set_poll_interval_achieved(self, customer_id: int, seconds: float) -> None:
+        """Do nothing."""
+
+    def watch_budget(self, usage: Callable[[], BudgetUsage]) -> None:
+        """Do nothing."""
+
     def forget(self, customer_id: int) -> None:
         """Do nothing."""
 
@@ -119,6 +129,9 @@ class Metrics(NoMetrics):
                                    "How long requests to the upstream have failed without a success (0: healthy).",
                                    by_upstream, registry=r)
         self._upstreams: set[str] = set(UPSTREAMS)  # every upstream label value used, for ``forget``
+        self._achieved = Gauge(f"{PREFIX}_poll_interval_achieved_seconds",
+                               "Seconds between the customer's last two polls: the interval the budget allowed.",
+                               by_customer, registry=r)
 
     def poll_done(self, customer_id: int, ok: bool, lag_s: float | None = None) -> None:
         """Count one finished poll cycle and, when given, record the poll lag."""
@@ -176,13 +189,21 @@ class Metrics(NoMetrics):
         self._upstreams.add(upstream)
         self._error_streak.labels(upstream, str(customer_id)).set(_non_negative(seconds))
 
+    def set_poll_interval_achieved(self, customer_id: int, seconds: float) -> None:
+        """Record the seconds between the customer's last two polls."""
+        self._achieved.labels(str(customer_id)).set(_non_negative(seconds))
+
+    def watch_budget(self, usage: Callable[[], BudgetUsage]) -> None:
+        """Export the shared Whiplash budget's use, read at each scrape."""
+        self.registry.register(BudgetCollector(usage))
+
     def forget(self, customer_id: int) -> None:
         """Drop a removed customer's series so the scrape stops reporting it."""
         cid = str(customer_id)
         for outcome in ("ok", "error"):
             _remove(self._polls, cid, outcome)
         for metric in (self._sent, self._dead, self._retries, self._throttled, self._queued, self._dead_letters,
-                       self._lag, self._last_ok, self._key_refused, self._oldest_queued):
+                       self._lag, self._last_ok, self._key_refused, self._oldest_queued, self._achieved):
             _remove(metric, cid)
         for upstream in self._upstreams:
             _remove(self._upstream_errors, upstream, cid)
@@ -192,6 +213,35 @@ class Metrics(NoMetrics):
         """Return the exposition body and its content type, negotiated from an Accept header."""
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+
+class BudgetCollector(Collector):
+    """The process's one Whiplash budget, read when Prometheus scrapes (no series per customer: it is shared)."""
+
+    def __init__(self, usage: Callable[[], BudgetUsage]) -> None:
+        self._usage = usage
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the budget's gauges and its 429 counter."""
+        u = self._usage()
+        yield GaugeMetricFamily(f"{PREFIX}_whiplash_budget_limit_per_second",
+                                "Configured Whiplash requests per second ([whiplash] max_requests_per_second).",
+                                value=u.limit_per_s)
+        yield GaugeMetricFamily(f"{PREFIX}_whiplash_budget_effective_per_second",
+                                "Whiplash requests per second allowed now (halved after a 429, then growing back).",
+                                value=u.effective_per_s)
+        yield GaugeMetricFamily(f"{PREFIX}_whiplash_requests_per_second",
+                                "Whiplash requests started per second, averaged over the last 10 seconds.",
+                                value=u.requests_per_s)
+        yield GaugeMetricFamily(f"{PREFIX}_whiplash_requests_in_flight", "Whiplash requests in flight.",
+                                value=u.in_flight)
+        waiting = GaugeMetricFamily(f"{PREFIX}_whiplash_requests_waiting",
+                                    "Whiplash requests waiting for the shared budget, by lane.", labels=["lane"])
+        for lane, n in u.waiting.items():
+            waiting.add_metric([lane.name.lower()], n)
+        yield waiting
+        yield CounterMetricFamily(f"{PREFIX}_whiplash_throttled", "Whiplash 429 answers (each slows the budget).",
+                                  value=u.throttled)
 
 
 def _add(counter: Counter, customer_id: int, n: int) -> None:

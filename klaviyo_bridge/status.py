@@ -4,8 +4,11 @@ Invariants:
 - nothing here writes: the DB is opened read-only, so ``status`` can run as a health check at any time;
 - every time shown is UTC, and "today" is the UTC day (the same day boundary as ``launch_date``), so the
   numbers do not depend on the time zone of the shell that asks;
-- a customer is stale when it is enabled and has not completed a poll within 3 × ``poll_interval_seconds``;
-  the daemon records a completed poll for pre-launch customers too, so stale always means "not polling";
+- a customer is stale when it is enabled and has not completed a poll within 3 rounds, a round being
+  ``poll_interval_seconds`` or, when the Whiplash budget cannot poll every customer that often, the time it needs
+  (customers ÷ ``max_requests_per_second``); the daemon records a completed poll for pre-launch customers too, so
+  stale always means "not polling";
+- the Whiplash budget's use is what the daemon last saved (every 10 s), with its age, so a stopped daemon shows;
 - no secret is needed: the config is read without resolving any, so a monitoring job needs no API key;
 - ``check`` (``status --check``) turns the rows into one monitoring-plugins line: CRITICAL for a stalled poll
   or a refused key, WARNING for dead letters, a queue not draining or an upstream error streak, else OK.
@@ -13,7 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -56,6 +59,7 @@ class StatusRow:
     whiplash_failing_s: float | None  # how long this customer's polls have been failing (None: the last one worked)
     klaviyo_failing_s: float | None  # how long its Klaviyo requests have been failing (None: not failing)
     dropped: int  # queued rows dropped, never sent, because their event was disabled for this customer
+    interval_s: float | None  # seconds between its last two polls: the interval the shared budget allowed
 
     def as_dict(self) -> dict[str, object]:
         """Return the row as a JSON-ready dict."""
@@ -68,9 +72,15 @@ class StatusRow:
         return self.poll_age_s is None or self.poll_age_s > limit.total_seconds()
 
 
+def round_seconds(settings: Settings) -> float:
+    """Return how long one round of polls takes: the interval, or longer when the budget cannot keep up with it."""
+    needed = len(settings.enabled_customers()) / settings.whiplash.max_requests_per_second
+    return max(settings.bridge.poll_interval_seconds, needed)
+
+
 def stale_limit(settings: Settings) -> timedelta:
     """Return how long an enabled customer may go without a completed poll before it counts as stale."""
-    return timedelta(seconds=STALE_POLLS * settings.bridge.poll_interval_seconds)
+    return timedelta(seconds=STALE_POLLS * round_seconds(settings))
 
 
 def start_of_day(now: datetime) -> datetime:
@@ -92,11 +102,44 @@ def phase_of(customer: CustomerSettings, state: CustomerState, now: datetime) ->
 
 async def status_rows(settings: Settings, now: datetime) -> list[StatusRow]:
     """Read every configured customer's status from the state DB."""
+    rows, _ = await status_report(settings, now)
+    return rows
+
+
+async def status_report(settings: Settings, now: datetime) -> tuple[list[StatusRow], str]:
+    """Read every configured customer's status and the Whiplash budget line from the state DB."""
     store = await Store.open(settings.bridge.state_path, readonly=True)
     try:
-        return [await _row(store, c, now, stale_limit(settings)) for c in settings.customers]
+        rows = [await _row(store, c, now, stale_limit(settings)) for c in settings.customers]
+        return rows, budget_line(await store.load_budget(), now, settings)
     finally:
         await store.close()
+
+
+def budget_line(snapshot: Mapping[str, object] | None, now: datetime, settings: Settings) -> str:
+    """Describe the shared Whiplash budget as the daemon last saved it, and the round it allows."""
+    configured = settings.whiplash.max_requests_per_second
+    rounds = round_seconds(settings)
+    longer = (f"; rounds take {age_text(rounds)}, longer than the {age_text(settings.bridge.poll_interval_seconds)} "
+              "interval: raise max_requests_per_second if Whiplash allows it"
+              if rounds > settings.bridge.poll_interval_seconds else "")
+    if snapshot is None:
+        return f"whiplash budget: {configured} requests/s configured, no use recorded yet (daemon not started?){longer}"
+    at = _parse_time(snapshot.get("at"))
+    age = "" if at is None else f" (saved {age_text(max(0.0, (now - at).total_seconds()))} ago)"
+    waiting = snapshot.get("waiting")
+    queued = ", ".join(f"{k}={v}" for k, v in waiting.items()) if isinstance(waiting, dict) else "-"
+    return (f"whiplash budget: {snapshot.get('requests_per_s')} of {snapshot.get('effective_per_s')} requests/s "
+            f"(configured {configured}), in flight {snapshot.get('in_flight')}, waiting {queued}, "
+            f"429s since start {snapshot.get('throttled')}{age}{longer}")
+
+
+def _parse_time(value: object) -> datetime | None:
+    """Return an ISO time saved by the daemon, or None when it is not one."""
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 async def _row(store: Store, customer: CustomerSettings, now: datetime, limit: timedelta) -> StatusRow:
@@ -131,6 +174,7 @@ async def _row(store: Store, customer: CustomerSettings, now: datetime, limit: t
         whiplash_failing_s=_whiplash_failing(state, now),
         klaviyo_failing_s=klaviyo_failing,
         dropped=state.dropped_rows,
+        interval_s=None if state.poll_interval_s is None else round(state.poll_interval_s, 1),
     )
 
 
@@ -183,6 +227,7 @@ COLUMNS = (
     ("events", "events"),
     ("last_poll_ok", "last_poll_ok"),
     ("age", "poll_age_s"),
+    ("interval", "interval_s"),
     ("cursor", "cursor"),
     ("queued", "queued"),
     ("sent_today", "sent_today"),
@@ -232,7 +277,7 @@ def _cell(field: str, value: object) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if field == "poll_age_s" and isinstance(value, float):
+    if field in ("poll_age_s", "interval_s") and isinstance(value, float):
         return age_text(value)
     if field in ("last_poll_ok", "cursor"):
         return str(value).replace("+00:00", "Z")

@@ -4,17 +4,26 @@ A worker runs two tasks: a poller (drift-free ticks; each fetched page committed
 ``sync.sync_window``) and a sender (drains the outbox whenever the poller queued rows or a retry comes
 due). Every cycle of either task catches its own errors, so one customer's bad key, bad data or outage
 never stalls another.
+
+Scheduling across customers: each customer polls at its own phase of the interval (``poll_phase``, stable per
+customer id and wall-clock aligned), so a thousand customers never poll in the same second and a restart is no
+thundering herd. Every request waits for the process's one Whiplash budget: a live poll in the live lane, a
+long window (the first backfill, a catch-up after an outage) in the background lane and read as parallel
+slices. When the budget cannot serve every customer once per interval, each poll simply waits its turn
+(first come, first served within a lane), so rounds lengthen evenly and ``status`` shows the interval achieved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from datetime import datetime, timedelta
 
 from . import core
 from .aio import guarded, sleep_unless, wait_any
+from .budget import Lane
 from .clock import WallClock, utcnow
 from .config import CustomerSettings, Settings
 from .core import midnight_utc
@@ -30,6 +39,20 @@ from .whiplash import Page
 log = logging.getLogger(__name__)
 
 INVALID_EMAILS_NAMED = 20  # order ids named per cycle line about invalid emails; the rest are counted
+# A cursor further behind than this many intervals (plus the overlap) means a long window: an outage or a
+# first backfill to catch up on, read in the background lane so that other customers' live polls go first.
+CATCH_UP_INTERVALS = 3
+
+
+def poll_phase(customer_id: int, interval: float, now_epoch: float) -> float:
+    """Return the seconds from ``now_epoch`` to this customer's next poll slot.
+
+    The slot is a fixed offset into each interval, taken from a hash of the customer id: spread evenly over
+    the interval, the same after every restart, on every machine.
+    """
+    digest = hashlib.sha256(str(customer_id).encode()).digest()
+    offset = int.from_bytes(digest[:8], "big") / 2**64 * interval
+    return (offset - now_epoch) % interval
 
 
 class CustomerWorker:
@@ -72,6 +95,8 @@ class CustomerWorker:
         self.progress = time.monotonic()
         self.last_cycle_at: datetime | None = None
         self._stop: asyncio.Event | None = None
+        self.reading = False  # a poll is reading: history rows wait for full bulk requests until it ends
+        self._last_poll_started: datetime | None = None
 
     def is_launched(self, now: datetime) -> bool:
         """Tell whether the customer's launch date has come (polling starts then)."""
@@ -125,12 +150,19 @@ class CustomerWorker:
         await self.store.ensure_customer(self.cid)
         state = await self.store.customer_state(self.cid)
         since = self.window_start()
+        overlap = timedelta(seconds=self.settings.whiplash.overlap_seconds)
         if state.cursor is not None:
-            since = max(since, state.cursor[0] - timedelta(seconds=self.settings.whiplash.overlap_seconds))
+            since = max(since, state.cursor[0] - overlap)
+        behind = self.clock() - since > CATCH_UP_INTERVALS * self.interval() + overlap
         return await sync_window(
             self.whiplash, self.store, self.rules, since, move_cursor=True, clock=self.clock,
-            on_page=self._on_page, stop=self._stop,
+            on_page=self._on_page, stop=self._stop, lane=Lane.BACKGROUND if behind else Lane.LIVE,
+            parallel=self.settings.whiplash.max_concurrent_requests,
         )
+
+    def interval(self) -> timedelta:
+        """Return the configured poll interval."""
+        return timedelta(seconds=self.settings.bridge.poll_interval_seconds)
 
     def _on_page(self, page: Page, queued: int) -> None:
         """Log unreadable orders, record progress for the watchdog, and wake the sender."""
@@ -157,19 +189,25 @@ class CustomerWorker:
     async def poll_cycle(self) -> SyncStats:
         """Poll once if launched and record the outcome; failures are logged, not raised."""
         now = self.clock()
+        interval_s = None if self._last_poll_started is None else (now - self._last_poll_started).total_seconds()
+        self._last_poll_started = now
         if not self.is_launched(now):
-            await self._record_poll(True, None)
+            await self._record_poll(True, None, interval_s)
             return SyncStats()
+        self.reading = True
         try:
             stats = await self.poll_once()
         except BridgeError as exc:
             self.metrics.poll_done(self.cid, False)
             self._poll_failed(exc)
-            await self._record_poll(False, str(exc))
+            await self._record_poll(False, str(exc), interval_s)
             return SyncStats()
+        finally:
+            self.reading = False
+            self.wake.set()  # the window is read: the sender may now send the rest of its history
         self.whiplash_health.succeeded(self.cid)
         self.metrics.poll_done(self.cid, True, stats.lag_s)
-        await self._record_poll(True, None)
+        await self._record_poll(True, None, interval_s)
         swept = await self.reconcile_if_due()
         await self._update_gauges()
         return _combined(stats, swept)
@@ -212,10 +250,12 @@ class CustomerWorker:
             log.info("reconciled customer=%s checked=%d queued=%d", self.cid, stats.fetched, stats.queued)
         return stats
 
-    async def _record_poll(self, ok: bool, error: str | None) -> None:
+    async def _record_poll(self, ok: bool, error: str | None, interval_s: float | None) -> None:
         """Record a poll's outcome; a state DB that cannot take the write (locked, full) is logged, not raised."""
+        if interval_s is not None:
+            self.metrics.set_poll_interval_achieved(self.cid, interval_s)
         try:
-            await self.store.record_poll(self.cid, self.clock(), ok, error)
+            await self.store.record_poll(self.cid, self.clock(), ok, error, interval_s=interval_s)
         except StoreError as exc:
             log.error("poll outcome not recorded customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
 
@@ -261,7 +301,7 @@ class CustomerWorker:
         """Set up if needed and send everything due; errors pause this customer only."""
         try:
             await self.ensure_setup()
-            await self.deliverer.deliver_due()
+            await self.deliverer.deliver_due(final=not self.reading)
             await self.deliverer.flush_list_members()
         except AuthFailed as exc:
             await self.deliverer.on_key_refused(exc)
@@ -302,7 +342,8 @@ class CustomerWorker:
         """Poll on a drift-free schedule until ``stop`` is set."""
         interval = self.settings.bridge.poll_interval_seconds
         self._stop = stop
-        next_tick = time.monotonic()
+        next_tick = time.monotonic() + poll_phase(self.cid, interval, time.time())
+        await sleep_unless(stop, next_tick - time.monotonic())
         while not stop.is_set():
             stats = await guarded(self.poll_cycle(), f"poll customer={self.cid}")
             self.progress, self.last_cycle_at = time.monotonic(), self.clock()

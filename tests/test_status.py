@@ -179,7 +179,7 @@ def test_age_text_and_long_errors_stay_on_one_line() -> None:
     from klaviyo_bridge.status import StatusRow
 
     row = StatusRow(1, "n", True, "2026-01-01", "all", "live", None, None, None, 0, 0, 0, 0, 0, 0, "REFUSED", "ok",
-                    "line one\nline two " + "x" * 200, False, None, None, None, 0)
+                    "line one\nline two " + "x" * 200, False, None, None, None, 0, None)
     text = render_status([row])
     assert len(text.splitlines()) == 2
     assert "line one line two" in text
