@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from klaviyo_bridge.ratelimit import LIMITS, Endpoint
+from klaviyo_bridge.sandbox.filters import HAND_FILTERS, FilterTable
 from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo, serve_klaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash
 
@@ -53,6 +54,11 @@ class NoCheck:
     The simulator's hand rules cost it ~0.5 ms per event and its spec validation ~1 ms; the test suite
     validates every body shape the bridge sends (tests/test_bulk.py and the e2e tests run with the spec).
     """
+
+    @property
+    def filters(self) -> Mapping[str, FilterTable]:
+        """Return the filter forms the operations declare (filters are checked: they are cheap)."""
+        return HAND_FILTERS
 
     def check(self, operation_id: str, body: object) -> None:
         """Accept the body."""
@@ -102,7 +108,8 @@ class Settings:
     share: float = SHARE
     overlap: int = 300
     log_level: str = "info"
-    extra: dict[str, str] = field(default_factory=dict)
+    page_size: int = PAGE_SIZE
+    budget_per_s: int = 10  # [whiplash] max_requests_per_second (the bridge's default)
 
 
 def toml_str(value: str) -> str:
@@ -122,8 +129,9 @@ shutdown_grace_seconds = 5.0
 base_url = {toml_str(whiplash_url)}
 client_id = "{CLIENT_ID}"
 client_secret = "env:BENCH_WHIPLASH_SECRET"
-page_size = {PAGE_SIZE}
+page_size = {s.page_size}
 overlap_seconds = {s.overlap}
+max_requests_per_second = {s.budget_per_s}
 
 [klaviyo]
 base_url = {toml_str(klaviyo_url)}

@@ -1,6 +1,6 @@
 """The benchmark scenarios; each returns table rows (figure, value, target, verdict, note).
 
-Every scenario runs the real daemon (``run --once``, or ``run`` for latency and footprint) as a subprocess
+Every scenario runs the real daemon (``run --once``, or ``run`` for latency and the fleet) as a subprocess
 against the simulators served on loopback by this process. Simulated Klaviyo enforces its limits and
 semantics (dedup, bulk rules, jobs) but skips body validation here (see ``common.NoCheck``): validating costs
 it more CPU than the bridge spends, which would time the simulator, not the bridge.
@@ -23,7 +23,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from common import (
+    CLIENT_ID,
+    CLIENT_SECRET,
     HERE,
+    PAGE_SIZE,
     SHARE,
     Bench,
     Customer,
@@ -41,6 +44,7 @@ from db_growth import grow
 from limiter_check import utilisation
 
 from klaviyo_bridge.ratelimit import LIMITS, Endpoint
+from klaviyo_bridge.sandbox.whiplash import FakeWhiplash
 
 KEY = "pk_bench_0123456789abcdef"
 
@@ -249,36 +253,7 @@ async def until(condition: Callable[[], bool], limit_s: float, step: float = 0.0
     return True
 
 
-# --- 4. footprint -------------------------------------------------------------------------------------
-
-
-async def footprint(tmp: Path, customers: int = 1000, poll: float = 60.0) -> list[Row]:
-    """Idle 1,000 configured customers: RSS, and CPU over one poll interval and between the poll bursts."""
-    import psutil  # bench-only dependency
-
-    today = datetime.now(UTC).date()
-    people = [Customer(10_000 + i, f"pk_idle_{i:04d}_0123456789", today - timedelta(days=1), 0)
-              for i in range(customers)]
-    async with bench(tmp, people, klaviyo=klaviyo_sim(seed=4)) as b:
-        b.settings.poll_interval = poll
-        async with daemon(b) as proc:
-            process = psutil.Process(proc.pid)
-            ready = await until(lambda: set_up(b) >= customers, 120, 0.5)
-            await asyncio.sleep(3)  # let the tail of the start-up work (list adds, summaries) drain
-            started = time.monotonic()
-            samples = await sample_cpu(process, poll)
-            rss = max(child_rss(process), 0)
-        window = time.monotonic() - started
-    whole = 100 * (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
-    quiet = quiet_cpu(samples)
-    return [
-        Row(f"footprint, {customers:,} idle customers: RSS", f"{rss:.0f} MB", "≤ 150 MB", rss <= 150,
-            "" if ready else "set-up did not finish for every customer"),
-        Row(f"  CPU over one {poll:.0f} s poll interval", f"{whole:.2f} % of a core", "≤ 2 %", whole <= 2,
-            f"{customers / poll:.1f} polls/s; measured {window:.0f} s"),
-        Row("  CPU between poll bursts", f"{quiet:.2f} % of a core", "≤ 2 %", quiet <= 2,
-            "mean of the 1 s samples below 10 % (the burst: every poller ticks at once)"),
-    ]
+# --- 4. footprint helpers (the fleet scenario below measures the idle daemon) -----------------------
 
 
 def set_up(b: Bench) -> int:
@@ -301,13 +276,6 @@ async def sample_cpu(process: object, seconds: float) -> list[tuple[float, float
         if time.monotonic() >= deadline:
             return samples
         await asyncio.sleep(1.0)
-
-
-def quiet_cpu(samples: list[tuple[float, float]]) -> float:
-    """Return the mean CPU % of the one-second steps outside the poll burst (steps under 10 % of a core)."""
-    steps = [100 * (c2 - c1) / (t2 - t1) for (t1, c1), (t2, c2) in itertools.pairwise(samples)]
-    quiet = [step for step in steps if step < 10]
-    return sum(quiet) / len(quiet) if quiet else math.nan
 
 
 # --- 4b. state DB bytes per order ---------------------------------------------------------------------
@@ -361,12 +329,13 @@ async def naive_peer(tmp: Path, orders: int = 500) -> list[Row]:
     ]
 
 
-async def run_peer(b: Bench, peer: Customer, orders: int) -> tuple[float, str]:
-    """Run benchmarks/baseline_sdk.py against the simulators; return its wall time and summary line."""
-    script = HERE / "baseline_sdk.py"
+async def run_peer(b: Bench, peer: Customer, orders: int, script: str = "baseline_sdk.py") -> tuple[float, str]:
+    """Run a peer script (default: the naive benchmarks/baseline_sdk.py) against the simulators; return its wall
+    time and summary line."""
+    path = HERE / script
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), "--whiplash", b.whiplash_url, "--klaviyo", b.klaviyo_url,
+        sys.executable, str(path), "--whiplash", b.whiplash_url, "--klaviyo", b.klaviyo_url,
         "--customer", str(peer.cid), "--since", (utc_midnight(peer.launch) - timedelta(days=14)).isoformat(),
         env=b.env() | {"PEER_KLAVIYO_KEY": peer.key}, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -375,3 +344,152 @@ async def run_peer(b: Bench, peer: Customer, orders: int) -> tuple[float, str]:
     wall = time.perf_counter() - started
     summary = out.decode().strip().splitlines()[-1:] or [err.decode()[-300:]]
     return wall, summary[0]
+
+
+# --- 6. Whiplash at scale: one budget, sliced reads, bulk by row kind (issue 13) -----------------------------
+
+BUDGET = 10  # the bridge's default [whiplash] max_requests_per_second, and the simulated application's limit
+SLOW_MS = 250.0  # every Whiplash orders request takes this long
+
+
+def slow_whiplash(limit: int | None = BUDGET, response_ms: float = SLOW_MS) -> FakeWhiplash:
+    """Return a simulated Whiplash that answers every orders request in ``response_ms`` and limits the application."""
+    return FakeWhiplash(CLIENT_ID, CLIENT_SECRET, max_per_page=PAGE_SIZE, rate_limit_per_s=limit,
+                        response_ms=response_ms)
+
+
+def klaviyo_requests(b: Bench, label: str) -> dict[str, int]:
+    """Return the requests one simulated account received, per operation."""
+    return dict(b.klaviyo.account(label).counters.requests)
+
+
+def whiplash_orders_requests(b: Bench) -> int:
+    """Return how many orders requests the simulated Whiplash answered."""
+    return sum(n for path, n in b.whiplash.counters.requests.items() if path.startswith("/api/v2/orders"))
+
+
+async def realistic(tmp: Path, orders: int = 5000, page: int = 100) -> list[Row]:
+    """Backfill ``orders`` changes of the 14-day window with Whiplash answering in 250 ms and limiting 10 requests/s."""
+    today = datetime.now(UTC).date()
+    customer = Customer(6006, KEY, today, backfill_days=14)
+    label = str(customer.cid)
+    async with bench(tmp, [customer], klaviyo=klaviyo_sim(seed=6), whiplash=slow_whiplash()) as b:
+        b.settings.page_size = page
+        seed_backfill(b.whiplash, customer.cid, orders, start=utc_midnight(today) - timedelta(days=14, minutes=-1),
+                      end=utc_midnight(today) - timedelta(minutes=1))
+        run = await b.run_once()
+        problem = check_delivered(b, label, orders)
+        used = klaviyo_requests(b, label)
+        reads, throttled = whiplash_orders_requests(b), b.whiplash.counters.throttled
+        windows = max(b.whiplash.window_counts().values(), default=0)
+        polled = b.poll_phase_s(run)
+    pages = math.ceil(orders / page)
+    floor = pages / BUDGET
+    events_min = math.ceil((orders + 4) / 1000)  # + the four sample events, history too
+    singles = used.get("create_event", 0)
+    return [
+        Row(f"realistic backfill {orders:,} changes, Whiplash 250 ms, page {page}: wall time", f"{run.wall_s:.1f} s",
+            f"≤ {1.3 * floor:.1f} s (1.3 × pages ÷ budget)", run.wall_s <= 1.3 * floor and not problem
+            and throttled == 0, problem or f"exit {run.returncode}, every event once; reading done at {polled:.1f} s "
+            f"(process start included)"),
+        Row("  Whiplash: requests / pages, busiest second, 429s", f"{reads} / {pages}, {windows}/s, {throttled} × 429",
+            f"≤ {BUDGET}/s, 0 × 429", windows <= BUDGET and throttled == 0,
+            f"{reads - pages} extra requests: the last page of each slice, plus the walk's closing page"),
+        Row("  Klaviyo: bulk event requests / minimum", f"{used.get('bulk_create_events', 0)} / {events_min}",
+            f"{events_min}", used.get("bulk_create_events", 0) == events_min,
+            f"ceil(({orders:,} + 4 samples) / 1,000); single events {singles}"),
+        Row("  Klaviyo: profile import jobs / minimum", f"{used.get('bulk_import_profiles', 0)} / "
+            f"{math.ceil(orders / 10_000)}", f"{math.ceil(orders / 10_000)}",
+            used.get("bulk_import_profiles", 0) == math.ceil(orders / 10_000),
+            f"job polls {used.get('get_bulk_import_profiles_job', 0)}; single upserts "
+            f"{used.get('create_or_update_profile', 0)} (the set-up profile); list adds "
+            f"{used.get('add_profiles_to_list', 0)}"),
+    ]
+
+
+async def competent_peer(tmp: Path, orders: int = 3000) -> list[Row]:
+    """Backfill ``orders`` changes with the competent SDK script (bulk, sequential), then with the bridge."""
+    today = datetime.now(UTC).date()
+    peer = Customer(7007, "pk_peer2_0123456789abcdef", today, backfill_days=14)
+    ours = Customer(7008, "pk_ours2_0123456789abcdef", today, backfill_days=14)
+    async with bench(tmp, [peer, ours], klaviyo=klaviyo_sim(seed=7), whiplash=slow_whiplash()) as b:
+        b.settings.page_size = 100
+        for c in (peer, ours):
+            seed_backfill(b.whiplash, c.cid, orders, start=utc_midnight(today) - timedelta(days=13),
+                          end=utc_midnight(today) - timedelta(minutes=1))
+        b.customers = [ours]
+        bridge = await b.run_once()
+        peer_wall, peer_note = await run_peer(b, peer, orders, script="competent_sdk.py")
+        bridge_problem = check_delivered(b, str(ours.cid), orders)
+        peer_used, ours_used = klaviyo_requests(b, str(peer.cid)), klaviyo_requests(b, str(ours.cid))
+        peer_events = len(b.klaviyo.account(str(peer.cid)).events)
+    speedup = peer_wall / bridge.wall_s
+    setup = sum(ours_used.get(op, 0) for op in ("get_lists", "create_list", "create_or_update_profile",
+                                                  "add_profiles_to_list"))
+    ours_total, peer_total = sum(ours_used.values()), sum(peer_used.values())
+    return [
+        Row(f"competent SDK peer (bulk jobs, sequential), {orders:,} changes, Whiplash 250 ms", f"{peer_wall:.1f} s",
+            note=f"{peer_note}; {peer_events} events; Klaviyo requests {peer_total}: {describe_ops(peer_used)}"),
+        Row(f"  bridge, same {orders:,} changes", f"{bridge.wall_s:.1f} s", note=bridge_problem or
+            f"all delivered; Klaviyo requests {ours_total}: {describe_ops(ours_used)}"),
+        Row("  bridge speed-up over the competent peer", f"{speedup:.1f}×", "≥ 2×",
+            speedup >= 2 and not bridge_problem),
+        Row("  Klaviyo requests: bridge without set-up / peer", f"{ours_total - setup} / {peer_total}",
+            "bridge ≤ peer", ours_total - setup <= peer_total,
+            f"set-up: {setup} (list lookup/creation, the sample profile and its list add)"),
+    ]
+
+
+def describe_ops(used: dict[str, int]) -> str:
+    """Render requests per operation compactly."""
+    return ", ".join(f"{op} {n}" for op, n in sorted(used.items()))
+
+
+async def fleet(tmp: Path, customers: int = 1000, poll: float = 60.0, intervals: int = 10) -> list[Row]:
+    """1,000 idle customers at a 60 s interval, the simulated Whiplash limited to 10 requests/s, for ten intervals:
+    the budget (no second over it, 0 × 429, every customer polled in time) and the idle cost (CPU, RSS)."""
+    import psutil  # bench-only dependency
+
+    today = datetime.now(UTC).date()
+    people = [Customer(10_000 + i, f"pk_idle_{i:04d}_0123456789", today - timedelta(days=1), 0)
+              for i in range(customers)]
+    bound = poll * math.ceil(customers / (BUDGET * poll))
+    async with bench(tmp, people, klaviyo=klaviyo_sim(seed=4), whiplash=slow_whiplash(BUDGET, 0.0)) as b:
+        b.settings.poll_interval = poll
+        async with daemon(b) as proc:
+            process = psutil.Process(proc.pid)
+            ready = await until(lambda: set_up(b) >= customers, 300, 0.5)
+            await asyncio.sleep(3)  # let the tail of the start-up work (list adds, summaries) drain
+            started = time.monotonic()
+            samples = await sample_cpu(process, intervals * poll)
+            rss = max(child_rss(process), 0)
+            ended = time.monotonic()
+        gaps = poll_gaps(b, started, ended)
+        busiest = max(b.whiplash.window_counts().values(), default=0)
+        throttled = b.whiplash.counters.throttled
+    worst = max(gaps.values(), default=math.inf)
+    missing = customers - len(gaps)
+    cpu = 100 * (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
+    return [
+        Row(f"fleet, {customers:,} idle customers, {poll:.0f} s interval, Whiplash limit {BUDGET}/s: "
+            "longest gap between a customer's polls", f"{worst:.0f} s",
+            f"≤ {bound:.0f} s (interval × ⌈customers ÷ (budget × interval)⌉)", worst <= bound and not missing,
+            f"{missing} customers never polled" if missing else f"measured over {intervals} intervals "
+            f"({ended - started:.0f} s); demand {customers / poll:.1f} polls/s, budget {BUDGET}/s"),
+        Row("  busiest second at Whiplash, 429s", f"{busiest} requests, {throttled} × 429", f"≤ {BUDGET}, 0 × 429",
+            busiest <= BUDGET and throttled == 0, "the simulator's fixed 1 s windows, whole run"),
+        Row(f"  idle CPU over {intervals} intervals", f"{cpu:.2f} % of a core", "≤ 2 %", cpu <= 2,
+            "" if ready else "set-up did not finish for every customer"),
+        Row("  RSS", f"{rss:.0f} MB", "≤ 150 MB", rss <= 150, f"{len(gaps)} customers seen polling"),
+    ]
+
+
+def poll_gaps(b: Bench, started: float, ended: float) -> dict[int, float]:
+    """Return, per customer, the longest time without an orders request in [started, ended] (edges included)."""
+    times: dict[int, list[float]] = {}
+    for record in b.whiplash.counters.log:
+        cid = record.headers.get("X-CUSTOMER-ID")
+        if record.path == "/api/v2/orders" and cid and started <= record.at <= ended:
+            times.setdefault(int(cid), []).append(record.at)
+    return {cid: max(b2 - b1 for b1, b2 in itertools.pairwise([started, *sorted(at), ended]))
+            for cid, at in times.items()}
