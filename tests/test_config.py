@@ -29,6 +29,7 @@ from klaviyo_bridge.config import (
     load_config,
 )
 from klaviyo_bridge.config_problems import problem_lines
+from klaviyo_bridge.config_secrets import resolve_references
 from klaviyo_bridge.core import EventKind, Rules
 from klaviyo_bridge.errors import ConfigError
 
@@ -855,6 +856,31 @@ def test_all_secret_slots_resolved_and_reported(tmp_path: Path) -> None:
         "customers[0].klaviyo_api_key: environment variable C is not set",
         "customers[1].klaviyo_api_key: environment variable D is not set",
     ]
+
+
+@pytest.mark.parametrize(("value", "why"), [(5, "must be a string (got integer)"), ("", "must not be empty")])
+def test_a_secret_left_to_validation_does_not_stop_the_next_ones(tmp_path: Path, value: object, why: str) -> None:
+    """1. whiplash.client_secret is not a reference at all (a number, or empty); a customer's key names an unset
+    variable. Result: both are reported: the first by validation, the second as unresolvable."""
+    assert problems(tmp_path, {"whiplash": {"client_secret": value},
+                               "customers": [customer(klaviyo_api_key="env:NOPE")]}) == [
+        f"whiplash.client_secret: {why}",
+        "customers[0].klaviyo_api_key: environment variable NOPE is not set",
+    ]
+
+
+def test_resolve_references_resolves_unless_told_not_to() -> None:
+    """1. resolve_references on a raw table, without and with resolve=False. Result: by default the references in
+    use become their values; with resolve=False they stay as written; a literal is a warning either way."""
+    def raw() -> dict[str, Any]:
+        return {"whiplash": {"client_secret": "env:WL_SECRET", "refresh_token": "literal-token"}}
+
+    resolved = raw()
+    assert resolve_references(resolved, ENV) == ([], [f"whiplash.refresh_token: {LITERAL_WARNING}"])
+    assert resolved["whiplash"] == {"client_secret": WHIPLASH_SECRET, "refresh_token": "literal-token"}
+    kept = raw()
+    assert resolve_references(kept, ENV, resolve=False) == ([], [f"whiplash.refresh_token: {LITERAL_WARNING}"])
+    assert kept == raw()
 
 
 def test_secrets_never_in_problems_or_reprs(tmp_path: Path) -> None:
