@@ -6,8 +6,9 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
+from time import tzset
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
+from klaviyo_bridge import logs
 from klaviyo_bridge.config import (
     DEFAULT_CONFIG_PATH,
     BridgeSettings,
@@ -27,8 +29,10 @@ from klaviyo_bridge.config import (
     WhiplashSettings,
     default_config_path,
     load_config,
+    load_or_report,
 )
 from klaviyo_bridge.config_problems import problem_lines
+from klaviyo_bridge.config_secrets import resolve_references
 from klaviyo_bridge.core import EventKind, Rules
 from klaviyo_bridge.errors import ConfigError
 
@@ -281,6 +285,13 @@ def test_values_at_their_limits_accepted(
     assert read(load(tmp_path, overrides).settings) == expected
 
 
+def test_default_profile_email_is_stored_trimmed_and_lower_cased(tmp_path: Path) -> None:
+    """1. default_profile_email written with spaces and capitals. Result: stored as the address Klaviyo keys
+    profiles by (trimmed, lower case), so samples always land on one profile."""
+    s = load(tmp_path, {"klaviyo": {"default_profile_email": " Samples@Example.COM "}}).settings
+    assert s.klaviyo.default_profile_email == "samples@example.com"
+
+
 def test_settings_are_frozen(tmp_path: Path) -> None:
     s = load(tmp_path).settings
     with pytest.raises(ValueError, match="frozen"):
@@ -498,6 +509,8 @@ ONE_PROBLEM: list[tuple[str, dict[str, Any], str]] = [
     # missing
     ("missing key", {"bridge": {"state_path": DROP}}, "bridge.state_path: missing required key"),
     ("missing table", {"klaviyo": DROP}, "klaviyo: missing required table [klaviyo]"),
+    # no [bridge] table and no KLAVIYO_BRIDGE_<KEY> override to stand in for it
+    ("missing bridge table", {"bridge": DROP}, "bridge: missing required table [bridge]"),
     (
         "missing customer key",
         {"customers": [customer(launch_date=DROP)]},
@@ -816,6 +829,70 @@ def test_state_folder_must_exist_and_be_writable(tmp_path: Path, where: str, why
     assert load_config(path, ENV).settings.bridge.state_path == tmp_path / where  # only checked when asked
 
 
+@pytest.mark.parametrize("state_db", [None, b"", b"SQLite format 3\x00"])
+def test_a_usable_state_folder_passes_the_check(tmp_path: Path, state_db: bytes | None) -> None:
+    """1. state_path in an existing writable folder, the DB not created yet or already a regular file.
+    Result: valid with the folder checked; nothing is created."""
+    path = tmp_path / "state" / "state.db"
+    path.parent.mkdir()
+    if state_db is not None:
+        path.write_bytes(state_db)
+    loaded = load_config(write(tmp_path, {"bridge": {"state_path": str(path)}}), ENV, check_state_folder=True)
+    assert loaded.settings.bridge.state_path == path
+    assert path.exists() == (state_db is not None)
+
+
+@pytest.mark.parametrize(
+    ("denied", "mode", "why"),
+    [
+        ("folder", os.W_OK, "folder {folder} is not writable by this user"),
+        ("folder", os.X_OK, "folder {folder} is not writable by this user"),
+        ("file", os.R_OK, "{file} is not a readable and writable file"),
+        ("file", os.W_OK, "{file} is not a readable and writable file"),
+    ],
+)
+def test_each_permission_the_state_db_needs_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, denied: str, mode: int, why: str
+) -> None:
+    """1. An existing state DB whose user may not write or enter its folder, or not read or write the file
+    (os.access answers no for that one permission: root, which runs these tests in containers, has them all).
+    Result: one problem naming bridge.state_path."""
+    folder = tmp_path / "state"
+    folder.mkdir()
+    file = folder / "state.db"
+    file.write_bytes(b"")
+    refused = folder if denied == "folder" else file
+    real_access = os.access
+
+    def access(path: Any, wanted: int, **kwargs: Any) -> bool:
+        return not (Path(path) == refused and wanted & mode) and real_access(path, wanted, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, {"bridge": {"state_path": str(file)}}), ENV, check_state_folder=True)
+    assert info.value.problems == [f"bridge.state_path: {why.format(folder=folder, file=file)}"]
+
+
+def unusable_for_apis(tmp_path: Path) -> tuple[Path, Path]:
+    """Write a config whose customer key names an unset variable and whose state folder does not exist; return
+    (config path, state path)."""
+    missing = tmp_path / "missing" / "state.db"
+    overrides = {"bridge": {"state_path": str(missing)}, "customers": [customer(klaviyo_api_key="env:NOPE")]}
+    return write(tmp_path, overrides), missing
+
+
+def test_state_folder_problem_and_secret_problems_are_all_reported(tmp_path: Path) -> None:
+    """1. An unset secret variable and a state folder that does not exist. Result: both problems, secret first."""
+    path, missing = unusable_for_apis(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV, check_state_folder=True)
+    assert info.value.problems == [
+        "customers[0].klaviyo_api_key: environment variable NOPE is not set",
+        f"bridge.state_path: folder {missing.parent} does not exist; create it (systemd's StateDirectory= does) "
+        "or fix the path",
+    ]
+
+
 def test_relative_state_path_and_old_launch_warn(tmp_path: Path) -> None:
     """1. A relative state_path and a launch date 400 days ago. Result: two warnings, each naming its key."""
     loaded = load_config(
@@ -831,6 +908,36 @@ def test_relative_state_path_and_old_launch_warn(tmp_path: Path) -> None:
     recent = load_config(write(tmp_path, {"customers": [customer(launch_date=date(2025, 2, 5))]}), ENV,
                          today=date(2026, 2, 5))
     assert recent.warnings == ()
+
+
+@pytest.mark.parametrize(("days_ago", "warned"), [(365, False), (366, True)])
+def test_a_launch_date_warns_once_more_than_365_days_back(tmp_path: Path, days_ago: int, warned: bool) -> None:
+    """1. A launch date 365 or 366 days before today. Result: only 366 days back warns."""
+    today = date(2026, 2, 5)
+    launch = today - timedelta(days=days_ago)
+    loaded = load_config(write(tmp_path, {"customers": [customer(launch_date=launch)]}), ENV, today=today)
+    assert loaded.warnings == ((f"customers[0].launch_date: {launch} is more than a year ago; check the year (the "
+                                "bridge only reads changes from launch_date - backfill_days on)",) if warned else ())
+
+
+def test_today_is_the_utc_date_whatever_the_machine_zone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. No ``today`` given; the machine's zone is a day ahead of UTC (UTC+14, from 11:00 UTC) or behind it
+    (UTC-12, before); launch dates 365 and 366 days before UTC's date.
+    Result: only the one 366 days back warns: "today" is UTC's date, not the machine's."""
+    now = datetime.now(UTC)
+    monkeypatch.setenv("TZ", "AHEAD-14" if now.hour >= 11 else "BEHIND+12")  # POSIX: the offset is west of UTC
+    tzset()
+    try:
+        assert datetime.now().date() != now.date()
+        today = now.date()
+        launches = [customer(launch_date=today - timedelta(days=365)),
+                     customer(whiplash_customer_id=2, launch_date=today - timedelta(days=366))]
+        loaded = load_config(write(tmp_path, {"customers": launches}), ENV)
+    finally:
+        monkeypatch.undo()
+        tzset()
+    if datetime.now(UTC).date() == today:  # not across midnight UTC
+        assert [w.partition(":")[0] for w in loaded.warnings] == ["customers[1].launch_date"]
 
 
 def test_unresolvable_secrets(tmp_path: Path) -> None:
@@ -855,6 +962,31 @@ def test_all_secret_slots_resolved_and_reported(tmp_path: Path) -> None:
         "customers[0].klaviyo_api_key: environment variable C is not set",
         "customers[1].klaviyo_api_key: environment variable D is not set",
     ]
+
+
+@pytest.mark.parametrize(("value", "why"), [(5, "must be a string (got integer)"), ("", "must not be empty")])
+def test_a_secret_left_to_validation_does_not_stop_the_next_ones(tmp_path: Path, value: object, why: str) -> None:
+    """1. whiplash.client_secret is not a reference at all (a number, or empty); a customer's key names an unset
+    variable. Result: both are reported: the first by validation, the second as unresolvable."""
+    assert problems(tmp_path, {"whiplash": {"client_secret": value},
+                               "customers": [customer(klaviyo_api_key="env:NOPE")]}) == [
+        f"whiplash.client_secret: {why}",
+        "customers[0].klaviyo_api_key: environment variable NOPE is not set",
+    ]
+
+
+def test_resolve_references_resolves_unless_told_not_to() -> None:
+    """1. resolve_references on a raw table, without and with resolve=False. Result: by default the references in
+    use become their values; with resolve=False they stay as written; a literal is a warning either way."""
+    def raw() -> dict[str, Any]:
+        return {"whiplash": {"client_secret": "env:WL_SECRET", "refresh_token": "literal-token"}}
+
+    resolved = raw()
+    assert resolve_references(resolved, ENV) == ([], [f"whiplash.refresh_token: {LITERAL_WARNING}"])
+    assert resolved["whiplash"] == {"client_secret": WHIPLASH_SECRET, "refresh_token": "literal-token"}
+    kept = raw()
+    assert resolve_references(kept, ENV, resolve=False) == ([], [f"whiplash.refresh_token: {LITERAL_WARNING}"])
+    assert kept == raw()
 
 
 def test_secrets_never_in_problems_or_reprs(tmp_path: Path) -> None:
@@ -1192,6 +1324,10 @@ def test_bridge_keys_can_be_overridden_from_the_environment(tmp_path: Path) -> N
          "bridge.poll_interval_seconds (from KLAVIYO_BRIDGE_POLL_INTERVAL_SECONDS): must be a number (got string)"),
         ("KLAVIYO_BRIDGE_SHUTDOWN_GRACE_SECONDS", "0",
          "bridge.shutdown_grace_seconds (from KLAVIYO_BRIDGE_SHUTDOWN_GRACE_SECONDS): must be > 0 (got 0)"),
+        # only the key path is renamed, never the echoed value, even when it looks like one
+        ("KLAVIYO_BRIDGE_LOG_LEVEL", "bridge.log_level: debug",
+         'bridge.log_level (from KLAVIYO_BRIDGE_LOG_LEVEL): must be one of "debug", "info", "warning" or "error" '
+         '(got "bridge.log_level: debug")'),
     ],
 )
 def test_a_bad_override_names_its_variable(tmp_path: Path, variable: str, value: str, problem: str) -> None:
@@ -1203,3 +1339,71 @@ def test_overrides_apply_even_without_a_bridge_table(tmp_path: Path) -> None:
     path = write(tmp_path, {"bridge": DROP})
     loaded = load_config(path, {**ENV, "KLAVIYO_BRIDGE_STATE_PATH": str(tmp_path / "s.db")}, today=TODAY)
     assert loaded.settings.bridge.state_path == tmp_path / "s.db"
+
+
+# --- what commands print: load_or_report -------------------------------------------------------------------
+
+
+@pytest.fixture
+def redactor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give the log redactor an empty set of secrets for one test (secrets registered elsewhere stay out)."""
+    monkeypatch.setattr(logs, "_secrets", set())
+
+
+@pytest.mark.usefixtures("redactor")
+def test_load_or_report_resolves_warns_and_registers_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1. No path given: the environment passed names the config (KLAVIYO_BRIDGE_CONFIG) and holds the secrets;
+    a literal refresh token. Result: the settings with every secret resolved, the warning on stderr, nothing on
+    stdout, and each secret masked by the log redactor from now on."""
+    state = tmp_path / "state" / "state.db"
+    state.parent.mkdir()
+    path = write(tmp_path, {"bridge": {"state_path": str(state)}, "whiplash": {"refresh_token": OTHER_KEY}})
+    loaded = load_or_report(None, environ={**ENV, "KLAVIYO_BRIDGE_CONFIG": str(path)})
+
+    assert loaded is not None
+    assert loaded.settings.customers[0].klaviyo_api_key.get_secret_value() == KLAVIYO_KEY
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"config warning: whiplash.refresh_token: {LITERAL_WARNING}\n")
+    line = logs.redact(f"{WHIPLASH_SECRET} {KLAVIYO_KEY} {OTHER_KEY}")
+    assert all(secret not in line for secret in ALL_SECRETS), line
+
+
+def test_load_or_report_prints_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1. A config with an unset secret variable whose state folder does not exist, loaded as a command that talks
+    to APIs (the default). Result: None, and one "config error:" line per problem on stderr, nothing on stdout."""
+    path, missing = unusable_for_apis(tmp_path)
+
+    assert load_or_report(path, environ=ENV) is None
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "config error: customers[0].klaviyo_api_key: environment variable NOPE is not set",
+        f"config error: bridge.state_path: folder {missing.parent} does not exist; create it (systemd's "
+        "StateDirectory= does) or fix the path",
+    ]
+
+
+def test_load_or_report_without_secrets_checks_neither_secrets_nor_state_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1. The same config loaded with resolve_secrets=False and an empty environment (status, dead-letters).
+    Result: valid, the references kept as written, nothing printed."""
+    path, missing = unusable_for_apis(tmp_path)
+
+    loaded = load_or_report(path, resolve_secrets=False, environ={})
+    assert loaded is not None
+    assert loaded.settings.customers[0].klaviyo_api_key.get_secret_value() == "env:NOPE"
+    assert capsys.readouterr() == ("", "")
+    assert not missing.parent.exists()
+
+
+def test_secret_values_lists_every_secret_in_use(tmp_path: Path) -> None:
+    """1. Configs with and without a refresh token, with two customers (one disabled, its key a reference).
+    Result: every secret value the settings hold, in order, the missing refresh token left out."""
+    env = {**ENV, "WL_REFRESH": "refresh-secret-1"}
+    both = [customer(), customer(whiplash_customer_id=2, enabled=False, klaviyo_api_key="env:KEY_99")]
+    with_token = load(tmp_path, {"whiplash": {"refresh_token": "env:WL_REFRESH"}, "customers": both}, env)
+    assert with_token.secret_values() == [WHIPLASH_SECRET, "refresh-secret-1", KLAVIYO_KEY, "env:KEY_99"]
+    assert load(tmp_path).secret_values() == [WHIPLASH_SECRET, KLAVIYO_KEY]
