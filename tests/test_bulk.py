@@ -548,3 +548,80 @@ async def test_rows_of_an_event_the_customer_no_longer_gets_are_dropped_not_sent
     assert kept(world.account) == {"9:delivered"}
     assert [key for _, key, *_ in world.outbox("kind = 'event'")] == ["9:delivered"]
     assert (await world.store.customer_state(CID)).dropped_rows == 3
+
+
+# -- routing by what a row is (history or live), not by how full the queue is ------------------------------------
+
+
+def history_person(n: int) -> ProfileChange:
+    """A profile change of a shopper whose orders in the page were all history."""
+    return ProfileChange(f"buyer{n}@example.com", ProfileName("Ann", f"Lee{n}", None, "real"), history=True)
+
+
+async def test_while_the_window_is_read_only_full_history_requests_go(world: World) -> None:
+    """1. Queue 1,500 history events and 40 history profiles. 2. Deliver while the window is still being read
+    (final=False). Result: one bulk request of exactly 1,000 events; the other 500 events and the 40 profiles wait.
+    3. Deliver once the read is done (final=True). Result: one more bulk request (500) and one import job (40
+    profiles, not single upserts); every row sent."""
+    await queue(world.store, [event(i, backfill=True) for i in range(1500)], [history_person(i) for i in range(40)])
+    deliverer = world.deliverer()
+
+    await deliverer.deliver_due(final=False)
+    assert [job.event_count for job in world.account.event_jobs] == [MAX_BULK_EVENTS]
+    assert world.account.import_jobs == {}
+    assert len(world.outbox("sent_at IS NULL AND kind = 'event'")) == 500
+    assert len(world.outbox("sent_at IS NULL AND kind = 'profile'")) == 40
+
+    await deliverer.deliver_due(final=True)
+    assert sorted(job.event_count for job in world.account.event_jobs) == [500, MAX_BULK_EVENTS]
+    assert [job.total_count for job in world.account.import_jobs.values()] == [40]
+    assert world.requests("create_or_update_profile") == 0
+    assert world.requests("create_event") == 0
+    assert len(kept(world.account)) == 1500
+    assert world.outbox("sent_at IS NULL") == []
+
+
+async def test_live_rows_go_at_once_one_by_one_while_history_waits(world: World) -> None:
+    """1. Queue 3 live events with their (live) profiles and 20 history events. 2. Deliver while reading.
+    Result: the live profiles and events went through the single endpoints at once; the history events wait."""
+    await queue(world.store, [event(100 + i, backfill=False) for i in range(3)] +
+                [event(i, backfill=True) for i in range(20)], [person(100 + i) for i in range(3)])
+
+    await world.deliverer().deliver_due(final=False)
+
+    assert world.requests("create_event") == 3
+    assert world.requests("create_or_update_profile") == 3
+    assert world.account.event_jobs == []
+    assert len(world.outbox("sent_at IS NULL")) == 20
+    assert {key for _, key, *_ in world.outbox("sent_at IS NULL")} == {f"{i}:shipped" for i in range(20)}
+
+
+async def test_a_live_event_makes_its_shoppers_queued_history_profile_live(world: World) -> None:
+    """1. A history profile is queued (page one: only old orders of buyer5). 2. A later page brings a live event of
+    the same shopper (the name is unchanged, so no new profile row). 3. Deliver while reading.
+    Result: the profile went at once (single upsert, before the live event), so the flow's email can use the name."""
+    await queue(world.store, profiles=[history_person(5)])
+    await queue(world.store, [event(5, backfill=False)])
+
+    await world.deliverer().deliver_due(final=False)
+
+    assert world.requests("create_or_update_profile") == 1
+    assert world.requests("create_event") == 1
+    profile = world.account.profile_by_email("buyer5@example.com")
+    assert profile is not None
+    assert profile.first_name == "Ann"
+    assert world.outbox("sent_at IS NULL") == []
+
+
+async def test_a_history_profile_replaced_by_a_live_change_stays_live(world: World) -> None:
+    """A pending live profile row replaced by a history change of the same shopper stays live (live wins)."""
+    await queue(world.store, profiles=[person(9)])
+    await queue(world.store, profiles=[ProfileChange("buyer9@example.com", ProfileName("Bo", "Lee9", None, "real"),
+                                                     history=True)])
+
+    await world.deliverer().deliver_due(final=False)
+
+    assert world.requests("create_or_update_profile") == 1
+    profile = world.account.profile_by_email("buyer9@example.com")
+    assert profile is not None
+    assert profile.first_name == "Bo"

@@ -29,6 +29,7 @@ from klaviyo_bridge.core import (
     event_for,
     event_kind_of_key,
     event_payload,
+    order_of_key,
     plan_page,
     profile_name,
     sample_events,
@@ -942,3 +943,32 @@ def test_samples_only_for_enabled_metrics_with_their_own_names() -> None:
 )
 def test_event_kind_of_key(key: str, kind: EventKind | None) -> None:
     assert event_kind_of_key(key) is kind
+
+
+@pytest.mark.parametrize(
+    ("key", "order_id"),
+    [("7001:shipped", "7001"), ("42:delivered", "42"), ("sample:shipped", None), ("buyer@example.com", None),
+     ("7001", "7001"), ("", None), ("-3:shipped", None), ("12a:shipped", None)],
+)
+def test_order_of_key(key: str, order_id: str | None) -> None:
+    """The order an event row names is the digits before the first colon; samples and profiles name none."""
+    assert order_of_key(key) == order_id
+
+
+def test_a_profile_is_history_only_when_every_order_of_its_shopper_in_the_page_is() -> None:
+    """1. A page with an old (stale) order of Ann and Bob, and a fresh order of Bob. Result: Ann's profile is history
+    (it may wait for a full import), Bob's is live (his fresh order's flow should greet him by name)."""
+    old = NOW - RULES.stale_after - timedelta(hours=1)
+    ann = order(id=1, email="ann@example.com", updated_at=old)
+    bob_old = order(id=2, email="bob@example.com", first_name="Bob", updated_at=old)
+    bob_new = order(id=3, email="bob@example.com", first_name="Bob", updated_at=NOW - timedelta(minutes=5), status=300)
+    plan = plan_page(RULES, [ann, bob_old, bob_new], {}, {}, NOW)
+    assert [(p.email, p.history) for p in plan.profiles] == [("ann@example.com", True), ("bob@example.com", False)]
+    assert plan_page(RULES, [bob_new], {}, {}, NOW).profiles[0].history is False
+    before_launch = order(id=4, email="cy@example.com", updated_at=datetime(2026, 2, 27, tzinfo=UTC))
+    assert plan_page(RULES, [before_launch], {}, {}, NOW).profiles[0].history is True
+
+
+def test_order_of_key_reads_only_before_the_first_colon() -> None:
+    """A key with more colons (none today, but a metric name could add some) still names the order before the first."""
+    assert order_of_key("7001:shipped:extra") == "7001"

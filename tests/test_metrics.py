@@ -190,3 +190,25 @@ def test_metrics_are_off_unless_configured(tmp_path: Path) -> None:
     off.upstream_error("klaviyo", 1)
     off.set_error_streak("whiplash", 1, 10.0)
     off.forget(1)
+
+
+def test_the_shared_budget_is_read_at_scrape_time() -> None:
+    """1. Metrics watch a budget of 10/s. 2. A 429 halves it. 3. Scrape. Result: the configured and effective limits,
+    the 429 counter and a waiting gauge per lane, without a customer label (the budget is the process's)."""
+    from klaviyo_bridge.budget import WhiplashBudget
+
+    metrics = Metrics()
+    budget = WhiplashBudget(10, 4)
+    metrics.watch_budget(budget.usage)
+    budget.throttled(None)
+    text = metrics.render()[0].decode()
+    for line in ("klaviyo_bridge_whiplash_budget_limit_per_second 10.0",
+                 "klaviyo_bridge_whiplash_budget_effective_per_second 5.0",
+                 "klaviyo_bridge_whiplash_throttled_total 1.0",
+                 "klaviyo_bridge_whiplash_requests_in_flight 0.0",
+                 'klaviyo_bridge_whiplash_requests_waiting{lane="live"} 0.0',
+                 'klaviyo_bridge_whiplash_requests_waiting{lane="background"} 0.0'):
+        assert re.search(rf"^{re.escape(line)}$", text, re.MULTILINE), line
+    metrics.set_poll_interval_achieved(7, 95.5)
+    assert re.search(r'^klaviyo_bridge_poll_interval_achieved_seconds\{customer="7"\} 95\.5$', text + "\n" +
+                     metrics.render()[0].decode(), re.MULTILINE)

@@ -186,3 +186,55 @@ def test_the_cursor_never_passes_an_unread_order(times: list[int], page: int, se
     assert model.committed == set(orders)
     if orders:
         assert slices.contiguous_cursor(every) >= orders[-1]
+
+
+def test_even_slices_cut_a_long_window_into_equal_spans_the_last_open() -> None:
+    """Four slices of 25 s over [0, 100 s): starts 0, 25, 50, 75; each ends where the next starts, the last is
+    open-ended; each has reached its own start. One slice, or an empty window, is the one open slice."""
+    every = slices.even_slices(at(0), at(100), 4)
+    assert [(s.start, s.until, s.reached) for s in every] == [
+        (at(0), at(25), (at(0), 0)), (at(25), at(50), (at(25), 0)), (at(50), at(75), (at(50), 0)),
+        (at(75), None, (at(75), 0))]
+    assert [(s.start, s.until) for s in slices.even_slices(at(0), at(100), 2)] == [(at(0), at(50)), (at(50), None)]
+    for count, end in ((1, at(100)), (4, at(0)), (4, at(-5))):
+        [only] = slices.even_slices(at(0), end, count)
+        assert (only.start, only.until, only.reached) == (at(0), None, (at(0), 0))
+
+
+def test_slice_bounds_are_whole_milliseconds() -> None:
+    """Whiplash compares times to the millisecond: bounds are cut to it (990,500 µs → 990 ms)."""
+    start = T0.replace(microsecond=990_500)
+    every = slices.even_slices(start, start + timedelta(seconds=4), 2)
+    assert every[1].start == T0 + timedelta(seconds=2, milliseconds=990)
+    s = Slice(start, None, (start, 1), read=1000)
+    assert slices.split_point(s, start + timedelta(seconds=10), 10) == T0 + timedelta(seconds=5, milliseconds=990)
+
+
+def test_remaining_for_spans_under_a_second() -> None:
+    """100 orders read over half a second, half a second left, page 10: 10 pages left (density 200/s); 100 read over
+    a second, 0.5 s left: 5 pages."""
+    assert slices.remaining(Slice(at(0), at(1), (at(0.5), 1), read=100), at(9), 10) == 10.0
+    assert slices.remaining(Slice(at(0), at(1.5), (at(1), 1), read=100), at(9), 10) == 5.0
+
+
+def test_split_point_edges() -> None:
+    """Exactly MIN_SPLIT_PAGES left: not split; a middle exactly MIN_SPLIT_SPAN away: split; a bounded slice is split
+    in the middle of what is left of its own range, not of the walk's."""
+    assert slices.split_point(Slice(at(0), at(20), (at(10), 1), read=20), at(100), 10) is None  # 2.0 pages
+    dense = Slice(at(0), at(4), (at(0), 7), read=100)
+    assert slices.split_point(dense, at(100), 10) == at(2)
+    bounded = Slice(at(0), at(40), (at(10), 1), read=100)
+    assert slices.split_point(bounded, at(100), 10) == at(25)
+
+
+def test_split_of_a_bounded_slice_gives_the_new_one_its_old_end() -> None:
+    every = [Slice(at(0), at(40), (at(10), 1), read=100), Slice(at(40), None, (at(40), 0))]
+    taken = slices.split(every, every[0], at(25))
+    assert (every[0].until, taken.start, taken.until) == (at(25), at(25), at(40))
+
+
+def test_best_split_prefers_the_slice_with_most_left_among_splittable_ones() -> None:
+    lighter = Slice(at(0), at(50), (at(10), 1), read=10)  # 4 pages left
+    heavier = Slice(at(50), None, (at(60), 1), read=100)  # 40 pages left
+    assert slices.best_split([lighter, heavier], at(100), 10) == (heavier, at(80))
+    assert slices.best_split([heavier, lighter], at(100), 10) == (heavier, at(80))

@@ -24,7 +24,15 @@ from klaviyo_bridge.exits import (
     EX_OK,
     EX_UNHEALTHY,
 )
-from klaviyo_bridge.status import age_text, check, phase_of, render_status, start_of_day, status_rows
+from klaviyo_bridge.status import (
+    age_text,
+    check,
+    phase_of,
+    render_status,
+    stale_limit,
+    start_of_day,
+    status_rows,
+)
 from klaviyo_bridge.store import CustomerState, Store
 
 INTERVAL = 60.0
@@ -330,3 +338,24 @@ def test_profile_reference_resolves_on_purpose(tmp_path: Path, capsys: pytest.Ca
     assert capsys.readouterr().out == f"profile={ref} customer=11 email=ann@example.com\n"
     assert main(["status", "--profile", "0123456789", "--config", str(cfg)]) == EX_FATAL
     assert "no profile with reference" in capsys.readouterr().err
+
+
+def test_budget_line_and_rounds_the_budget_lengthens(tmp_path: Path) -> None:
+    """1,000 enabled customers at 60 s with 10 requests/s: a round takes 100 s, so a customer is stale only after
+    3 rounds (300 s), and the budget line says rounds are longer than the interval; the daemon's last saved use is
+    shown with its age; without one, the line says none was recorded."""
+    from klaviyo_bridge.status import budget_line, round_seconds
+
+    settings = load_config(write_config(tmp_path, [Cust(1, date(2026, 1, 1))])).settings
+    many = [settings.customers[0].model_copy(update={"whiplash_customer_id": 20_000 + i}) for i in range(1000)]
+    big = settings.model_copy(update={"customers": many})
+    assert round_seconds(big) == 100.0
+    assert stale_limit(big) == timedelta(seconds=300)
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    snapshot = {"at": (now - timedelta(seconds=8)).isoformat(), "requests_per_s": 9.6, "effective_per_s": 10,
+                "in_flight": 2, "waiting": {"token": 0, "live": 41, "background": 3}, "throttled": 0}
+    line = budget_line(snapshot, now, big)
+    assert line.startswith("whiplash budget: 9.6 of 10 requests/s (configured 10), in flight 2, waiting token=0, "
+                           "live=41, background=3, 429s since start 0 (saved 8s ago)")
+    assert "rounds take 1m40s, longer than the 1m00s interval" in line
+    assert budget_line(None, now, settings).startswith("whiplash budget: 10 requests/s configured, no use recorded")

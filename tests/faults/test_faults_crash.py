@@ -3,21 +3,30 @@ delivery contract still holds — every expected event recorded by Klaviyo exact
 rows in flight at the crash, no dead letter, a sound state DB, and a Whiplash token chain that still works.
 
 Each test also checks the crash landed where its name says (what was committed or sent at the kill), so a
-failpoint that silently moved would fail here.
+failpoint that silently moved would fail here. The first tests read one page at a time
+(``max_concurrent_requests = 1``: the plain walk, whose page order is fixed); the sliced walk (several slices
+read side by side, the default) is killed at the same failpoints below, where the check is the one its design
+rests on: at the kill, every order at or before the stored cursor was committed.
 """
 
 from __future__ import annotations
 
 import signal
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+import pytest
 from kit.faultkit import Bridge, Facts, Ledger, Shop, Sims, assert_delivered_once, facts, serve, shops
 
 from klaviyo_bridge.sandbox.whiplash import OrderScript
 
 SHOP = shops(401)[0]
 BACKFILLED, LIVE = 25, 3  # page_size 10: three pages, the last one partly live orders
+ONE_AT_A_TIME = {"whiplash": {"max_concurrent_requests": "1"}}  # the plain walk: pages in a fixed order
+SLICED_BACKFILL = 160  # page_size 10, four slices read side by side: 16+ pages
 
 
 @dataclass
@@ -30,10 +39,10 @@ class Crash:
     resends: int  # event re-sends only (Klaviyo dropped them as duplicates)
 
 
-def seed(sims: Sims, shop: Shop) -> Ledger:
+def seed(sims: Sims, shop: Shop, backfilled: int = BACKFILLED) -> Ledger:
     """Give the shop history (backfill, sent in bulk) and a few live orders (sent one by one)."""
     script = OrderScript(sims.whiplash, shop.cid, seed=shop.cid)
-    script.backfill(BACKFILLED, days=10)
+    script.backfill(backfilled, days=10)
     script.spawn(LIVE)
     ledger = Ledger(sims.whiplash)
     ledger.observe_all()
@@ -71,7 +80,8 @@ async def test_kill_after_fetch(tmp_path: Path) -> None:
     restart all is delivered once."""
     async with serve([SHOP]) as sims:
         ledger = seed(sims, SHOP)
-        crash = await crash_and_recover(sims, Bridge(tmp_path, sims, [SHOP]).write(), ledger, "after_fetch=kill@2")
+        bridge = Bridge(tmp_path, sims, [SHOP], ONE_AT_A_TIME).write()
+        crash = await crash_and_recover(sims, bridge, ledger, "after_fetch=kill@2")
     assert len(crash.at_kill.statuses[SHOP.cid]) == 10
     # Sending overlaps polling, so page one may be partly in Klaviyo; re-sends are bounded in crash_and_recover.
     assert sum(crash.at_kill.pending_events.values()) > 0
@@ -82,7 +92,7 @@ async def test_kill_during_cursor_update(tmp_path: Path) -> None:
     Result: the second page left no trace (its memory, rows and cursor rolled back together)."""
     async with serve([SHOP]) as sims:
         ledger = seed(sims, SHOP)
-        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        bridge = Bridge(tmp_path, sims, [SHOP], ONE_AT_A_TIME).write()
         crash = await crash_and_recover(sims, bridge, ledger, "during_cursor_update=kill@2")
     assert len(crash.at_kill.statuses[SHOP.cid]) == 10
     assert sum(crash.at_kill.pending_events.values()) > 0
@@ -93,7 +103,7 @@ async def test_kill_after_outbox_commit(tmp_path: Path) -> None:
     Result: two pages (not three) committed and queued, not all sent; all delivered once after the restart."""
     async with serve([SHOP]) as sims:
         ledger = seed(sims, SHOP)
-        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        bridge = Bridge(tmp_path, sims, [SHOP], ONE_AT_A_TIME).write()
         crash = await crash_and_recover(sims, bridge, ledger, "after_outbox_commit=kill@2")
     # Page two starts at the last key of page one (>=, for same-second ties), so it adds 9 or 10 orders.
     assert 10 < len(crash.at_kill.statuses[SHOP.cid]) < BACKFILLED + LIVE
@@ -105,7 +115,7 @@ async def test_kill_mid_batch(tmp_path: Path) -> None:
     Result: the kill came mid-delivery (some events recorded, not all); nothing lost or doubled after."""
     async with serve([SHOP]) as sims:
         ledger = seed(sims, SHOP)
-        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        bridge = Bridge(tmp_path, sims, [SHOP], ONE_AT_A_TIME).write()
         crash = await crash_and_recover(sims, bridge, ledger, "mid_batch=kill@4")
         total = len(sims.account(SHOP).events)
     assert crash.at_kill.pending_rows > 0
@@ -117,7 +127,7 @@ async def test_kill_after_send_before_mark(tmp_path: Path) -> None:
     Result: that request is sent again (Klaviyo absorbs it: one event per unique_id, upsert for profiles)."""
     async with serve([SHOP]) as sims:
         ledger = seed(sims, SHOP)
-        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        bridge = Bridge(tmp_path, sims, [SHOP], ONE_AT_A_TIME).write()
         crash = await crash_and_recover(sims, bridge, ledger, "after_send_before_mark=kill@3")
     assert crash.redone >= 1
 
@@ -129,7 +139,7 @@ async def test_kill_during_token_refresh_keeps_the_chain(tmp_path: Path) -> None
     its successor is first used), the stored token ends as Whiplash's newest, and everything is delivered."""
     async with serve([SHOP]) as sims:
         ledger = seed(sims, SHOP)
-        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        bridge = Bridge(tmp_path, sims, [SHOP], ONE_AT_A_TIME).write()
         crash = await crash_and_recover(sims, bridge, ledger, "during_token_refresh=kill")
         assert crash.at_kill.refresh_token is None
         stored = facts(bridge.state_path).refresh_token
@@ -143,3 +153,34 @@ async def test_kill_during_token_refresh_keeps_the_chain(tmp_path: Path) -> None
         assert facts(bridge.state_path).refresh_token == sims.whiplash.current_refresh_token
         assert_delivered_once(sims, bridge, ledger)
         assert sims.whiplash.oauth.rotations == 4
+
+
+def committed_prefix_holds(path: Path, sims: Sims, shop: Shop) -> tuple[int, int]:
+    """Check that every order at or before the stored cursor is remembered; return (remembered, total)."""
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT cursor_ts, cursor_id FROM customers WHERE customer_id = ?", (shop.cid,)).fetchone()
+        known = {oid for (oid,) in db.execute("SELECT order_id FROM orders WHERE customer_id = ?", (shop.cid,))}
+    keys = sorted((o.updated_at, o.id) for o in sims.whiplash.orders.values() if o.customer_id == shop.cid)
+    if row is not None and row[0] is not None:
+        cursor = (datetime.fromisoformat(row[0]), int(row[1]))
+        behind = {oid for at, oid in keys if (at, oid) <= cursor}
+        assert behind <= known, f"cursor {cursor} passes orders never committed: {sorted(behind - known)[:5]}"
+    return len(known), len(keys)
+
+
+@pytest.mark.parametrize("spec", ["after_fetch=kill@6", "after_outbox_commit=kill@5", "during_cursor_update=kill@4"])
+async def test_sliced_walk_killed_mid_read(tmp_path: Path, spec: str) -> None:
+    """1. A backfill of 160 orders read as four slices side by side (page size 10); kill at a failpoint of the walk.
+    2. Restart. Result: at the kill the read was incomplete and the stored cursor passed no uncommitted order
+    (the contiguous prefix); after the restart every event is recorded once."""
+    async with serve([SHOP]) as sims:
+        ledger = seed(sims, SHOP, SLICED_BACKFILL)
+        bridge = Bridge(tmp_path, sims, [SHOP]).write()
+        killed = await bridge.once(failpoints=spec)
+        assert killed.code == -signal.SIGKILL, f"failpoint {spec} did not fire; log:\n{killed.log}"
+        remembered, total = committed_prefix_holds(bridge.state_path, sims, SHOP)
+        assert remembered < total
+        recovered = await bridge.once()
+        assert recovered.code == 0, recovered.log
+        assert_delivered_once(sims, bridge, ledger)
+        assert committed_prefix_holds(bridge.state_path, sims, SHOP) == (total, total)

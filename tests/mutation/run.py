@@ -51,6 +51,7 @@ MODULES: dict[str, Module] = {
     "core": Module(("tests/test_core.py",), floor=97.0),
     "orders": Module(("tests/test_orders.py",), floor=97.0),
     "ratelimit": Module(("tests/test_ratelimit.py",), floor=97.0),
+    "slices": Module(("tests/test_slices.py",), floor=97.0),
     "config": Module(("tests/test_config.py",), floor=97.0),
     "config_secrets": Module(("tests/test_config.py",), floor=97.0),
     "config_problems": Module(("tests/test_config.py",), floor=97.0),
