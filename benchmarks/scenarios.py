@@ -29,6 +29,7 @@ from common import (
     PAGE_SIZE,
     SHARE,
     Bench,
+    BridgeRun,
     Customer,
     bench,
     fixed_window_floor,
@@ -382,19 +383,20 @@ async def realistic(tmp: Path, orders: int = 5000, page: int = 100) -> list[Row]
         used = klaviyo_requests(b, label)
         reads, throttled = whiplash_orders_requests(b), b.whiplash.counters.throttled
         windows = max(b.whiplash.window_counts().values(), default=0)
-        polled = b.poll_phase_s(run)
+        span = backfill_span(b, run, label)
     pages = math.ceil(orders / page)
     floor = pages / BUDGET
     events_min = math.ceil((orders + 4) / 1000)  # + the four sample events, history too
     singles = used.get("create_event", 0)
     return [
-        Row(f"realistic backfill {orders:,} changes, Whiplash 250 ms, page {page}: wall time", f"{run.wall_s:.1f} s",
-            f"≤ {1.3 * floor:.1f} s (1.3 × pages ÷ budget)", run.wall_s <= 1.3 * floor and not problem
-            and throttled == 0, problem or f"exit {run.returncode}, every event once; reading done at {polled:.1f} s "
-            f"(process start included)"),
+        Row(f"realistic backfill {orders:,} changes, Whiplash 250 ms, page {page}: first Whiplash request → last "
+            "Klaviyo acceptance", f"{span:.1f} s", f"≤ {1.3 * floor:.1f} s (1.3 × pages ÷ budget)",
+            span <= 1.3 * floor and not problem and throttled == 0,
+            problem or f"every event once; the whole process, start to exit: {run.wall_s:.1f} s "
+            f"({run.wall_s / floor:.2f}× pages ÷ budget; Python start-up and import ~0.5 s)"),
         Row("  Whiplash: requests / pages, busiest second, 429s", f"{reads} / {pages}, {windows}/s, {throttled} × 429",
             f"≤ {BUDGET}/s, 0 × 429", windows <= BUDGET and throttled == 0,
-            f"{reads - pages} extra requests: the last page of each slice, plus the walk's closing page"),
+            f"{reads - pages} extra requests: the last, partial page of each slice"),
         Row("  Klaviyo: bulk event requests / minimum", f"{used.get('bulk_create_events', 0)} / {events_min}",
             f"{events_min}", used.get("bulk_create_events", 0) == events_min,
             f"ceil(({orders:,} + 4 samples) / 1,000); single events {singles}"),
@@ -405,6 +407,16 @@ async def realistic(tmp: Path, orders: int = 5000, page: int = 100) -> list[Row]
             f"{used.get('create_or_update_profile', 0)} (the set-up profile); list adds "
             f"{used.get('add_profiles_to_list', 0)}"),
     ]
+
+
+def backfill_span(b: Bench, run: BridgeRun, label: str) -> float:
+    """Return seconds from the first Whiplash orders request sent to the last event or import Klaviyo completed."""
+    answered = [r.at for r in b.whiplash.counters.log if r.path == "/api/v2/orders"]
+    first_sent = run.started_wall + (min(answered) - b.whiplash.response_ms / 1000 - run.started_mono)
+    account = b.klaviyo.account(label)
+    done = [e.received.timestamp() for e in account.events]
+    done += [j.completed_at.timestamp() for j in account.import_jobs.values() if j.completed_at is not None]
+    return max(done) - first_sent
 
 
 async def competent_peer(tmp: Path, orders: int = 3000) -> list[Row]:
@@ -488,7 +500,7 @@ def poll_gaps(b: Bench, started: float, ended: float) -> dict[int, float]:
     """Return, per customer, the longest time without an orders request in [started, ended] (edges included)."""
     times: dict[int, list[float]] = {}
     for record in b.whiplash.counters.log:
-        cid = record.headers.get("X-CUSTOMER-ID")
+        cid = record.headers.get("x-customer-id")
         if record.path == "/api/v2/orders" and cid and started <= record.at <= ended:
             times.setdefault(int(cid), []).append(record.at)
     return {cid: max(b2 - b1 for b1, b2 in itertools.pairwise([started, *sorted(at), ended]))

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 1.0
 # Start times are ours, arrival times Whiplash's; this much slack per window absorbs the difference.
-JITTER_MARGIN_S = 0.05
+JITTER_MARGIN_S = 0.03
 # Without a Retry-After, a 429 blocks one whole fixed window: the soonest a new window can open.
 DEFAULT_PAUSE_S = 1.0
 RECOVERY_S = 10.0

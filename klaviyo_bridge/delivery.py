@@ -210,8 +210,15 @@ class Deliverer:
             attempted += len(live)
         return attempted
 
+    async def _full_batch_waits(self, kind: RowKind, batch: int) -> bool:
+        """Tell whether at least a full request's worth of history rows of ``kind`` is due (one count, no rows read:
+        the sender wakes after every committed page, and most wakes have less)."""
+        return await self.store.count_due(self.customer_id, self.clock(), kind, history=True) >= batch
+
     async def _drain_history_profiles(self, final: bool) -> int:
         """Import history profiles in full jobs (up to 10,000 profiles or 5 MB); the remainder when ``final``."""
+        if not final and not await self._full_batch_waits("profile", MAX_BULK_PROFILES):
+            return 0
         attempted = 0
         while not self.key_refused and (rows := await self._due_profiles(True)):
             list_id = (await self.store.customer_state(self.customer_id)).list_id
@@ -228,6 +235,8 @@ class Deliverer:
 
     async def _drain_history_events(self, final: bool) -> int:
         """Send history events in full bulk requests (up to 1,000 events or 5 MB); the remainder when ``final``."""
+        if not final and not await self._full_batch_waits("event", MAX_BULK_EVENTS):
+            return 0
         attempted = 0
         while not self.key_refused:
             rows = await self.store.due_rows(self.customer_id, self.clock(), EVENT_FETCH, "event", history=True)

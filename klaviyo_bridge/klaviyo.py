@@ -361,7 +361,7 @@ class KlaviyoClient:
         max_tries: int = 5,
         max_time: float = 60,
         backoff_base: float = 1.0,
-        job_poll: tuple[float, float] = (0.1, 10.0),
+        job_poll: tuple[float, float] = (0.05, 10.0),
         job_timeout: float = 900.0,
         sleep: Sleep = asyncio.sleep,
         on_throttled: Callable[[], None] | None = None,

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 Key = tuple[datetime, int]
 
-MIN_SPLIT_PAGES = 2.0  # a split costs one more request (the new slice's last, partial page): worth it above this
+MIN_SPLIT_PAGES = 1.5  # a split costs one more request (the new slice's last, partial page): worth it above this
 MIN_SPLIT_SPAN = timedelta(seconds=2)  # never split finer than this: Whiplash's timestamps are whole milliseconds
 
 

@@ -473,6 +473,17 @@ class Store:
             )
         return [outbox_row(r) for r in rows]
 
+    async def count_due(self, customer_id: int, now: datetime, kind: RowKind, *, history: bool) -> int:
+        """Return how many pending rows of one kind, history or live, are due at ``now``."""
+        async with self._read() as db:
+            row = await fetch_one(
+                db,
+                f"SELECT count(*) FROM outbox WHERE customer_id = ? AND {PENDING} AND next_attempt_at <= ? "
+                "AND kind = ? AND history = ?",
+                (customer_id, iso(now), kind, int(history)),
+            )
+        return 0 if row is None else int(row[0])
+
     async def next_due_at(self, customer_id: int) -> datetime | None:
         """Return when the customer's earliest pending row is due, or None if nothing is pending."""
         async with self._read() as db:
