@@ -159,6 +159,7 @@ class Deliverer:
         self._key_healthy: bool | None = None
         self._streak_on_record: bool | None = None
         self._refusal_logged_at: float | None = None
+        self.holding = False  # history rows were left for a full request or the end of the read (deliver_due)
 
     async def deliver_due(self, *, final: bool = True) -> int:
         """Send every row due now; return how many rows were attempted.
@@ -166,6 +167,7 @@ class Deliverer:
         History rows go in full bulk requests only, unless ``final`` (the window being read is done): then the
         remainder goes too. Live profiles go before live events; history goes side by side with both.
         """
+        self.holding = False
         # One cheap query decides the common idle case (a thousand idle customers each look once a minute).
         if self.key_refused or not await self.store.due_rows(self.customer_id, self.clock(), 1):
             return 0
@@ -212,8 +214,10 @@ class Deliverer:
 
     async def _full_batch_waits(self, kind: RowKind, batch: int) -> bool:
         """Tell whether at least a full request's worth of history rows of ``kind`` is due (one count, no rows read:
-        the sender wakes after every committed page, and most wakes have less)."""
-        return await self.store.count_due(self.customer_id, self.clock(), kind, history=True) >= batch
+        the sender wakes after every committed page, and most wakes have less); note that some are held."""
+        due = await self.store.count_due(self.customer_id, self.clock(), kind, history=True)
+        self.holding = self.holding or due > 0
+        return due >= batch
 
     async def _drain_history_profiles(self, final: bool) -> int:
         """Import history profiles in full jobs (up to 10,000 profiles or 5 MB); the remainder when ``final``."""

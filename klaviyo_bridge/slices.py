@@ -11,7 +11,9 @@ walks side by side, each over its own range of ``updated_at``. This module decid
   one that is not (or that holds a malformed order). Everything at or before the cursor has been committed, so
   a crash anywhere resumes without a gap.
 
-A slice's ``reached`` key means: every order of the slice's range with a key up to it was read and committed.
+A slice's ``reached`` key means: every order of the slice's range with a key up to it was read and committed
+(None: nothing yet). The cursor is always the key of an order Whiplash returned, never a slice bound: bounds come
+from our clock, and a Whiplash clock behind ours would otherwise let a cursor pass orders it stamps later.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Slice:
 
     start: datetime
     until: datetime | None
-    reached: Key
+    reached: Key | None = None
     read: int = 0  # orders read so far
     done: bool = False
     held: bool = False  # a malformed order stopped its progress: the cursor waits before it
@@ -44,20 +46,7 @@ class Slice:
 
 def first_slice(since: datetime) -> Slice:
     """Return the one slice a walk starts with: everything changed at or after ``since``."""
-    return Slice(since, None, (since, 0))
-
-
-def even_slices(since: datetime, end: datetime, count: int) -> list[Slice]:
-    """Return ``count`` slices of equal span from ``since`` to ``end``, the last one open-ended.
-
-    For a window known to be long (a backfill, a catch-up): every reader starts at once instead of waiting for
-    the first page to show how dense the window is.
-    """
-    if count <= 1 or end <= since:
-        return [first_slice(since)]
-    step = (end - since) / count
-    starts = [_whole_ms(since + step * i) for i in range(count)]
-    return [Slice(start, starts[i + 1] if i + 1 < count else None, (start, 0)) for i, start in enumerate(starts)]
+    return Slice(since, None)
 
 
 def _whole_ms(at: datetime) -> datetime:
@@ -72,25 +61,29 @@ def committed(s: Slice, last_key: Key | None, safe_key: Key | None, orders: int,
         return
     if malformed:
         s.held = True
-        s.reached = max(s.reached, safe_key) if safe_key is not None else s.reached
+        s.reached = _later(s.reached, safe_key)
         return
-    if last_key is not None:
-        s.reached = max(s.reached, last_key)
+    s.reached = _later(s.reached, last_key)
+
+
+def _later(a: Key | None, b: Key | None) -> Key | None:
+    """Return the later of two keys, either of which may be missing."""
+    if a is None or b is None:
+        return a if b is None else b
+    return max(a, b)
 
 
 def finished(s: Slice) -> None:
-    """Record that the walk of ``s`` read its whole range: its end is reached (unless it is held)."""
+    """Record that the walk of ``s`` read its whole range."""
     s.done = True
-    if not s.held and s.until is not None:
-        s.reached = max(s.reached, (s.until, 0))
 
 
-def contiguous_cursor(slices: list[Slice]) -> Key:
-    """Return the end of the committed prefix: past every complete slice, up to the first incomplete one's progress."""
-    ordered = sorted(slices, key=lambda s: s.start)
-    cursor = ordered[0].reached
-    for s in ordered:
-        cursor = max(cursor, s.reached)
+def contiguous_cursor(slices: list[Slice]) -> Key | None:
+    """Return the end of the committed prefix (None: nothing committed in it yet): the latest key of every complete
+    slice and of the first incomplete one, which stops it."""
+    cursor: Key | None = None
+    for s in sorted(slices, key=lambda s: s.start):
+        cursor = _later(cursor, s.reached)
         if not s.complete:
             break
     return cursor
@@ -98,10 +91,12 @@ def contiguous_cursor(slices: list[Slice]) -> Key:
 
 def remaining(s: Slice, end: datetime, page_size: int) -> float:
     """Estimate the pages left in ``s`` from the density it read so far (0 when nothing is known yet)."""
+    if s.done or s.held or s.read == 0 or s.reached is None:
+        return 0.0
     upper = s.until if s.until is not None else end
     read_span = (s.reached[0] - s.start).total_seconds()
     left_span = (upper - s.reached[0]).total_seconds()
-    if s.done or s.held or s.read == 0 or left_span <= 0:
+    if left_span <= 0:
         return 0.0
     # A slice whose first page covered no time at all (a burst at one instant) is dense: assume a page per second.
     density = s.read / read_span if read_span > 0 else float(page_size)
@@ -110,7 +105,7 @@ def remaining(s: Slice, end: datetime, page_size: int) -> float:
 
 def split_point(s: Slice, end: datetime, page_size: int) -> datetime | None:
     """Return where to split ``s`` so another reader takes its second half, or None when not worth it."""
-    if remaining(s, end, page_size) <= MIN_SPLIT_PAGES:
+    if s.reached is None or remaining(s, end, page_size) <= MIN_SPLIT_PAGES:
         return None
     upper = s.until if s.until is not None else end
     middle = s.reached[0] + (upper - s.reached[0]) / 2
@@ -121,7 +116,7 @@ def split_point(s: Slice, end: datetime, page_size: int) -> datetime | None:
 
 def split(slices: list[Slice], victim: Slice, at: datetime) -> Slice:
     """Cut ``victim`` at ``at``: it keeps [start, at), the returned new slice takes [at, its old until)."""
-    taken = Slice(at, victim.until, (at, 0))
+    taken = Slice(at, victim.until)
     victim.until = at
     slices.append(taken)
     return taken

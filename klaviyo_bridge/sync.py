@@ -22,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
 from . import core, failpoints, slices
-from .aio import together
 from .budget import Lane
 from .clock import WallClock
 from .errors import BridgeError
@@ -137,18 +135,20 @@ async def sync_window(
     stop: asyncio.Event | None = None,
     lane: Lane = Lane.LIVE,
     parallel: int = 1,
+    stored: Key | None = None,
 ) -> SyncStats:
     """Read every change of ``rules.customer_id`` since ``since`` and commit it page by page.
 
     ``on_page`` runs after each commit (the daemon logs malformed orders and wakes its sender there).
     A set ``stop`` ends the walk after the current page: every page is committed with its cursor, so the
-    next walk resumes exactly there. ``parallel`` > 1 reads a long window as that many slices at once.
+    next walk resumes exactly there. ``parallel`` > 1 reads a long window as that many slices at once;
+    ``stored`` (the customer's cursor, when the caller has read it) is never moved back.
     """
     await store.ensure_customer(rules.customer_id)
     if parallel > 1:
         walk = SlicedWalk(whiplash, store, rules, move_cursor=move_cursor, clock=clock, on_page=on_page, stop=stop,
                           lane=lane, parallel=parallel)
-        return await walk.run(since)
+        return await walk.run(since, stored)
     stats = SyncStats()
     held = not move_cursor
     # aclosing: a walk left early (stop) must cancel the page it is already fetching ahead.
@@ -180,10 +180,11 @@ class _Reading:
 class SlicedWalk:
     """Read one customer's window as up to ``parallel`` time slices at once, committing page by page.
 
-    A live window starts as one slice: once a page shows how dense it is, an idle reader splits the busy slice
-    with the most pages left (``slices.best_split``) and walks the second half, so a short window costs what a
-    plain walk costs. A background window (a backfill, a catch-up: known to be long) starts as ``parallel``
-    slices of equal span, so every reader starts at once; idle readers then split what is left the same way.
+    It starts as one reader over the whole window. After each page it commits, a reader starts more readers, up to
+    ``parallel``, each on the second half of the busy slice with the most pages left (``slices.best_split``, which
+    knows the density from the pages read); a reader done with its slice takes such a half itself before it ends.
+    So a short or empty window costs what a plain walk costs (one request, one task: a thousand idle customers must
+    not pay for readers they do not need) and a long one keeps ``parallel`` requests busy from its second page on.
     Commits are one at a time (one lock): each page's memory, outbox rows and the cursor of the committed prefix
     go in one transaction, and the plan of a page sees every page committed before it, so an order read by two
     slices (it changed mid-walk) is announced once.
@@ -214,47 +215,59 @@ class SlicedWalk:
         self.parallel = parallel
         self.stats = SyncStats()
         self.slices: list[slices.Slice] = []
-        self.todo: deque[_Reading] = deque()
         self.busy: list[_Reading] = []
         self.end = clock()
         self.written: Key | None = None  # the cursor this walk last committed
         self._commit_lock = asyncio.Lock()
-        self._changed = asyncio.Event()
+        self._readers: set[asyncio.Task[None]] = set()
 
-    async def run(self, since: datetime) -> SyncStats:
-        """Read the window from ``since``; the first error stops every reader and is raised."""
-        count = self.parallel if self.lane is Lane.BACKGROUND else 1
-        self.slices = slices.even_slices(since.astimezone(UTC), self.end, count)
-        self.todo.extend(_Reading(s, keyset_from(self.cid, s.start)) for s in self.slices)
-        # Never move the cursor back (the walk starts an overlap before it): only a prefix past it is written.
-        self.written = (await self.store.customer_state(self.cid)).cursor if self.move_cursor else None
-        await together(*(self._reader() for _ in range(self.parallel)))
+    async def run(self, since: datetime, stored: Key | None = None) -> SyncStats:
+        """Read the window from ``since``; the first error stops every reader and is raised.
+
+        ``stored`` is the customer's cursor: the walk starts an overlap before it and never moves it back.
+        """
+        first = slices.first_slice(since.astimezone(UTC))
+        self.slices.append(first)
+        self.written = stored if self.move_cursor else None
+        self._start(_Reading(first, keyset_from(self.cid, since)))
+        try:
+            while self._readers:
+                done, _ = await asyncio.wait(self._readers, return_when=asyncio.FIRST_EXCEPTION)
+                self._readers -= done
+                for task in done:
+                    task.result()  # the first failure ends the walk (the finally below stops the others)
+        finally:
+            for task in self._readers:
+                task.cancel()
+            await asyncio.gather(*self._readers, return_exceptions=True)
         return self.stats
 
     def _stopping(self) -> bool:
         return self.stop is not None and self.stop.is_set()
 
-    async def _reader(self) -> None:
-        """Take slices (or split a busy one) and walk them until nothing is left to read."""
-        while True:
-            reading = None if self._stopping() else self._next()
-            if reading is None:
-                if not self.busy or self._stopping():
-                    return
-                changed = self._changed
-                await changed.wait()
-                continue
-            self.busy.append(reading)
+    def _start(self, reading: _Reading) -> None:
+        """Start a reader on ``reading``."""
+        self.busy.append(reading)
+        self._readers.add(asyncio.ensure_future(self._reader(reading)))
+
+    def _offer(self) -> None:
+        """Start readers on the halves worth splitting off, while fewer than ``parallel`` read."""
+        while not self._stopping() and len(self.busy) < self.parallel and (reading := self._split()) is not None:
+            self._start(reading)
+
+    async def _reader(self, reading: _Reading | None) -> None:
+        """Walk a slice, then take the half of a busy one worth splitting, until none is left."""
+        while reading is not None:
             try:
                 await self._walk(reading)
             finally:
                 self.busy.remove(reading)
-                self._notify()
+            reading = None if self._stopping() else self._split()
+            if reading is not None:
+                self.busy.append(reading)
 
-    def _next(self) -> _Reading | None:
-        """Return a slice nobody reads yet, else the second half of the busy slice with most left, else None."""
-        if self.todo:
-            return self.todo.popleft()
+    def _split(self) -> _Reading | None:
+        """Return the second half of the busy slice with the most pages left, or None when none is worth it."""
         found = slices.best_split([r.slice for r in self.busy], self.end, self.whiplash.page_size)
         if found is None:
             return None
@@ -262,11 +275,6 @@ class SlicedWalk:
         taken = slices.split(self.slices, victim, at)
         log.debug("slice split customer=%s at=%s slices=%d", self.cid, at.isoformat(), len(self.slices))
         return _Reading(taken, keyset_from(self.cid, at))
-
-    def _notify(self) -> None:
-        """Wake idle readers: a page or a finished slice may make a split worth it."""
-        self._changed.set()
-        self._changed = asyncio.Event()
 
     async def _walk(self, reading: _Reading) -> None:
         """Walk one slice page by page until its range is read (its end may move closer when it is split).
@@ -285,7 +293,7 @@ class SlicedWalk:
                 ahead = None if stalled or self._stopping() else self._fetch(reading)
                 if step.page is not None:
                     await self._commit(s, step.page)
-                self._notify()
+                    self._offer()  # the page shows how dense the window is: more readers may now pay off
                 if step.stalled is not None:
                     raise step.stalled
                 if self._stopping():
@@ -336,7 +344,9 @@ class SlicedWalk:
         if not self.move_cursor:
             return None
         cursor = slices.contiguous_cursor(self.slices)
-        return cursor if self.written is None or cursor > self.written else None
+        if cursor is None or (self.written is not None and cursor <= self.written):
+            return None
+        return cursor
 
 
 _BEFORE_ALL: Key = (datetime.min.replace(tzinfo=UTC), 0)

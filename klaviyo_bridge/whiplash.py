@@ -44,7 +44,7 @@ from .errors import (
     MalformedPayload,
     TransientUpstream,
 )
-from .http import Reply, body_reason, error_for, exchange, one_line, retry_after, scrub
+from .http import Outcome, Reply, body_reason, classify, error_for, exchange, one_line, retry_after, scrub
 from .orders import Order, order_key, parse_order
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,8 @@ def error_detail(text: str, secrets: Sequence[str] = ()) -> str:
 
 def _raise_for_status(reply: Reply, secrets: Sequence[str], now: float) -> None:
     """Translate a non-2xx reply into the error tree (the shared table); return quietly on success."""
+    if classify(reply.status) is Outcome.OK:
+        return  # a page of orders is not parsed twice: the detail is read from error bodies only
     error = error_for(SERVICE, reply, error_detail(reply.text, secrets),
                       wait=retry_after(reply.headers.get("Retry-After"), now))
     if error is not None:

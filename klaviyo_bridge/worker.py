@@ -39,8 +39,8 @@ from .whiplash import Page
 log = logging.getLogger(__name__)
 
 INVALID_EMAILS_NAMED = 20  # order ids named per cycle line about invalid emails; the rest are counted
-# A cursor further behind than this many intervals (plus the overlap) means a long window: an outage or a
-# first backfill to catch up on, read in the background lane so that other customers' live polls go first.
+# No successful poll for this many intervals means a long window (an outage, a stopped daemon) to catch up on,
+# read in the background lane (as a first backfill is) so that other customers' live polls go first.
 CATCH_UP_INTERVALS = 3
 
 
@@ -96,6 +96,7 @@ class CustomerWorker:
         self.last_cycle_at: datetime | None = None
         self._stop: asyncio.Event | None = None
         self.reading = False  # a poll is reading: history rows wait for full bulk requests until it ends
+        self._reconciled_at: datetime | None = None  # when the last reconcile sweep ran (read from the store once)
         self._last_poll_started: datetime | None = None
 
     def is_launched(self, now: datetime) -> bool:
@@ -153,16 +154,23 @@ class CustomerWorker:
         overlap = timedelta(seconds=self.settings.whiplash.overlap_seconds)
         if state.cursor is not None:
             since = max(since, state.cursor[0] - overlap)
-        behind = self.clock() - since > CATCH_UP_INTERVALS * self.interval() + overlap
         return await sync_window(
             self.whiplash, self.store, self.rules, since, move_cursor=True, clock=self.clock,
-            on_page=self._on_page, stop=self._stop, lane=Lane.BACKGROUND if behind else Lane.LIVE,
-            parallel=self.settings.whiplash.max_concurrent_requests,
+            on_page=self._on_page, stop=self._stop, lane=self._lane(state.last_poll_ok_at),
+            parallel=self.settings.whiplash.max_concurrent_requests, stored=state.cursor,
         )
 
-    def interval(self) -> timedelta:
-        """Return the configured poll interval."""
-        return timedelta(seconds=self.settings.bridge.poll_interval_seconds)
+    def _lane(self, last_ok: datetime | None) -> Lane:
+        """Return the lane of this poll: background for the first walk (the backfill) and a catch-up after an outage
+        or a stopped daemon (no successful poll for CATCH_UP_INTERVALS), live otherwise.
+
+        Decided by when the customer was last read, not by its cursor: a quiet merchant's old cursor is no backlog.
+        """
+        interval = timedelta(seconds=self.settings.bridge.poll_interval_seconds)
+        # A poll before launch read nothing: the first one after it walks the whole backfill window.
+        read_since_launch = last_ok is not None and last_ok >= midnight_utc(self.customer.launch_date)
+        recent = last_ok is not None and self.clock() - last_ok <= CATCH_UP_INTERVALS * interval
+        return Lane.LIVE if read_since_launch and recent else Lane.BACKGROUND
 
     def _on_page(self, page: Page, queued: int) -> None:
         """Log unreadable orders, record progress for the watchdog, and wake the sender."""
@@ -204,7 +212,8 @@ class CustomerWorker:
             return SyncStats()
         finally:
             self.reading = False
-            self.wake.set()  # the window is read: the sender may now send the rest of its history
+            if self.deliverer.holding:  # the window is read: the sender may now send the rest of its history
+                self.wake.set()
         self.whiplash_health.succeeded(self.cid)
         self.metrics.poll_done(self.cid, True, stats.lag_s)
         await self._record_poll(True, None, interval_s)
@@ -236,7 +245,9 @@ class CustomerWorker:
     async def _reconcile(self, now: datetime) -> SyncStats:
         """Sweep if ``reconcile_interval_minutes`` passed since the last sweep, and record when it ran."""
         w = self.settings.whiplash
-        last = (await self.store.customer_state(self.cid)).reconciled_at
+        if self._reconciled_at is None:  # read once; this worker is the only one that sweeps this customer
+            self._reconciled_at = (await self.store.customer_state(self.cid)).reconciled_at
+        last = self._reconciled_at
         if last is not None and now - last < timedelta(minutes=w.reconcile_interval_minutes):
             return SyncStats()
         stats = SyncStats()
@@ -246,6 +257,7 @@ class CustomerWorker:
             stats = await reconcile_shipped(self.whiplash, self.store, self.rules, since, clock=self.clock,
                                             on_page=self._on_page)
         await self.store.record_reconcile(self.cid, now)
+        self._reconciled_at = now
         if stats.fetched:
             log.info("reconciled customer=%s checked=%d queued=%d", self.cid, stats.fetched, stats.queued)
         return stats

@@ -21,7 +21,7 @@ def at(seconds: float) -> datetime:
 
 def test_first_slice_is_the_whole_open_window() -> None:
     s = slices.first_slice(at(0))
-    assert (s.start, s.until, s.reached, s.read, s.done, s.held) == (at(0), None, (at(0), 0), 0, False, False)
+    assert (s.start, s.until, s.reached, s.read, s.done, s.held) == (at(0), None, None, 0, False, False)
 
 
 def test_committed_pages_move_reached_and_a_malformed_order_holds_it() -> None:
@@ -45,21 +45,22 @@ def test_a_malformed_first_order_keeps_reached_where_it_was() -> None:
     assert (s.reached, s.held) == ((at(10), 5), True)
 
 
-def test_a_finished_bounded_slice_reaches_its_end_and_an_open_one_its_last_order() -> None:
+def test_a_finished_slice_keeps_the_last_key_it_read() -> None:
+    """A finished slice is complete, but its reached key stays the last order it read: never its bound (our clock),
+    and nothing when it read nothing."""
     bounded = Slice(at(0), at(100), (at(40), 3), read=10)
     slices.finished(bounded)
-    assert (bounded.reached, bounded.complete) == ((at(100), 0), True)
-    beyond = Slice(at(0), at(100), (at(120), 3), read=10)  # a page read before the slice was cut shorter
-    slices.finished(beyond)
-    assert beyond.reached == (at(120), 3)
-    open_ended = Slice(at(0), None, (at(40), 3), read=10)
-    slices.finished(open_ended)
-    assert (open_ended.reached, open_ended.complete) == ((at(40), 3), True)
+    assert (bounded.reached, bounded.done, bounded.complete) == ((at(40), 3), True, True)
+    empty = Slice(at(0), at(100))
+    slices.finished(empty)
+    assert (empty.reached, empty.complete) == (None, True)
 
 
 def test_cursor_is_the_end_of_the_committed_prefix() -> None:
-    """Slices [0,100) complete, [100,200) at t150, [200,…) complete. Result: the cursor stops at t150."""
-    a = Slice(at(0), at(100), (at(100), 0), read=5, done=True)
+    """Slices [0,100) complete at t90, [100,200) at t150, [200,…) complete at t300. Result: the cursor stops at t150;
+    once the middle one finishes, t300. A held slice stops it at its own progress; an untouched one at the keys
+    before it; nothing read at all: no cursor."""
+    a = Slice(at(0), at(100), (at(90), 1), read=5, done=True)
     b = Slice(at(100), at(200), (at(150), 4), read=5)
     c = Slice(at(200), None, (at(300), 9), read=5, done=True)
     assert slices.contiguous_cursor([c, a, b]) == (at(150), 4)
@@ -67,6 +68,11 @@ def test_cursor_is_the_end_of_the_committed_prefix() -> None:
     assert slices.contiguous_cursor([c, a, b]) == (at(300), 9)
     held = Slice(at(0), at(100), (at(30), 2), read=5, done=True, held=True)
     assert slices.contiguous_cursor([held, b, c]) == (at(30), 2)
+    untouched = Slice(at(100), at(200))
+    assert slices.contiguous_cursor([a, untouched, c]) == (at(90), 1)
+    assert slices.contiguous_cursor([Slice(at(0), at(100), done=True), Slice(at(100), None)]) is None
+    empty_done = Slice(at(100), at(200), done=True)
+    assert slices.contiguous_cursor([a, empty_done, c]) == (at(300), 9)
 
 
 def test_remaining_is_estimated_from_the_density_read() -> None:
@@ -74,7 +80,7 @@ def test_remaining_is_estimated_from_the_density_read() -> None:
     s = Slice(at(0), None, (at(10), 1), read=100)
     assert slices.remaining(s, at(100), 100) == 9.0
     assert slices.remaining(Slice(at(0), at(50), (at(10), 1), read=100), at(100), 100) == 4.0
-    assert slices.remaining(Slice(at(0), None, (at(0), 0)), at(100), 100) == 0.0  # nothing read: unknown
+    assert slices.remaining(Slice(at(0), None), at(100), 100) == 0.0  # nothing read: unknown
     burst = Slice(at(0), None, (at(0), 77), read=100)  # the first page covered no time at all: dense
     assert slices.remaining(burst, at(100), 100) == 100.0
     assert slices.remaining(Slice(at(0), None, (at(10), 1), read=100, done=True), at(100), 100) == 0.0
@@ -82,13 +88,14 @@ def test_remaining_is_estimated_from_the_density_read() -> None:
     assert slices.remaining(Slice(at(0), at(5), (at(10), 1), read=100), at(100), 100) == 0.0
 
 
-def test_split_only_when_more_than_two_pages_are_left() -> None:
-    """A slice estimated at 9 pages left is split at the middle of what is left (whole milliseconds); one at 2 pages
-    or less, or a span under MIN_SPLIT_SPAN, is not."""
+def test_split_only_when_more_than_one_and_a_half_pages_are_left() -> None:
+    """A slice estimated at 9 pages left is split at the middle of what is left (whole milliseconds); one at 1.5
+    pages or less, or a span under MIN_SPLIT_SPAN, or one that has read nothing yet, is not."""
     s = Slice(at(0), None, (at(10), 1), read=100)
     assert slices.split_point(s, at(100.0005), 100) == at(55)
-    assert slices.split_point(Slice(at(0), None, (at(10), 1), read=20), at(100), 100) is None  # 1.8 pages
-    assert slices.split_point(Slice(at(0), None, (at(10), 1), read=25), at(100), 100) == at(55)  # 2.25 pages
+    assert slices.split_point(Slice(at(0), None, (at(10), 1), read=15), at(100), 100) is None  # 1.35 pages
+    assert slices.split_point(Slice(at(0), None, (at(10), 1), read=20), at(100), 100) == at(55)  # 1.8 pages
+    assert slices.split_point(Slice(at(0), None), at(100), 100) is None
     tiny = Slice(at(0), None, (at(0.001), 1), read=100)
     assert slices.split_point(tiny, at(3), 100) is None  # dense, but 1.5 s left: finer than MIN_SPLIT_SPAN
 
@@ -96,7 +103,7 @@ def test_split_only_when_more_than_two_pages_are_left() -> None:
 def test_split_cuts_the_victim_and_the_new_slice_takes_the_rest() -> None:
     every = [Slice(at(0), None, (at(10), 1), read=100)]
     taken = slices.split(every, every[0], at(55))
-    assert (every[0].until, taken.start, taken.until, taken.reached) == (at(55), at(55), None, (at(55), 0))
+    assert (every[0].until, taken.start, taken.until, taken.reached) == (at(55), at(55), None, None)
     assert every == [every[0], taken]
 
 
@@ -146,6 +153,9 @@ class Model:
 
     def check(self, all_slices: list[Slice]) -> None:
         cursor = slices.contiguous_cursor(all_slices)
+        if cursor is None:
+            return
+        assert cursor in self.committed, "the cursor is always the key of an order read"
         unread = [k for k in self.orders if k <= cursor and k not in self.committed]
         assert not unread, f"cursor {cursor} passes unread orders {unread[:3]}"
 
@@ -173,10 +183,11 @@ def test_the_cursor_never_passes_an_unread_order(times: list[int], page: int, se
         roll = rng.random()
         if roll < 0.2:  # split a random busy slice at a random point of what it has left
             upper = r.s.until or end
-            if upper > r.s.reached[0]:
-                cut = r.s.reached[0] + (upper - r.s.reached[0]) * rng.random()
+            low = r.position[0]
+            if upper > low:
+                cut = low + (upper - low) * rng.random()
                 cut = cut.replace(microsecond=cut.microsecond // 1000 * 1000)
-                if cut > r.s.start and cut > r.s.reached[0]:
+                if cut > r.s.start and cut > low:
                     taken = slices.split(every, r.s, cut)
                     readers.append(Reader(taken, (cut, 0)))
         elif r.in_flight is None:
@@ -184,28 +195,12 @@ def test_the_cursor_never_passes_an_unread_order(times: list[int], page: int, se
         else:
             model.commit(r, every)
     assert model.committed == set(orders)
-    if orders:
-        assert slices.contiguous_cursor(every) >= orders[-1]
-
-
-def test_even_slices_cut_a_long_window_into_equal_spans_the_last_open() -> None:
-    """Four slices of 25 s over [0, 100 s): starts 0, 25, 50, 75; each ends where the next starts, the last is
-    open-ended; each has reached its own start. One slice, or an empty window, is the one open slice."""
-    every = slices.even_slices(at(0), at(100), 4)
-    assert [(s.start, s.until, s.reached) for s in every] == [
-        (at(0), at(25), (at(0), 0)), (at(25), at(50), (at(25), 0)), (at(50), at(75), (at(50), 0)),
-        (at(75), None, (at(75), 0))]
-    assert [(s.start, s.until) for s in slices.even_slices(at(0), at(100), 2)] == [(at(0), at(50)), (at(50), None)]
-    for count, end in ((1, at(100)), (4, at(0)), (4, at(-5))):
-        [only] = slices.even_slices(at(0), end, count)
-        assert (only.start, only.until, only.reached) == (at(0), None, (at(0), 0))
+    assert slices.contiguous_cursor(every) == (orders[-1] if orders else None)
 
 
 def test_slice_bounds_are_whole_milliseconds() -> None:
-    """Whiplash compares times to the millisecond: bounds are cut to it (990,500 µs → 990 ms)."""
+    """Whiplash compares times to the millisecond: split points are cut to it (990,500 µs → 990 ms)."""
     start = T0.replace(microsecond=990_500)
-    every = slices.even_slices(start, start + timedelta(seconds=4), 2)
-    assert every[1].start == T0 + timedelta(seconds=2, milliseconds=990)
     s = Slice(start, None, (start, 1), read=1000)
     assert slices.split_point(s, start + timedelta(seconds=10), 10) == T0 + timedelta(seconds=5, milliseconds=990)
 
@@ -220,7 +215,7 @@ def test_remaining_for_spans_under_a_second() -> None:
 def test_split_point_edges() -> None:
     """Exactly MIN_SPLIT_PAGES left: not split; a middle exactly MIN_SPLIT_SPAN away: split; a bounded slice is split
     in the middle of what is left of its own range, not of the walk's."""
-    assert slices.split_point(Slice(at(0), at(20), (at(10), 1), read=20), at(100), 10) is None  # 2.0 pages
+    assert slices.split_point(Slice(at(0), at(20), (at(10), 1), read=15), at(100), 10) is None  # 1.5 pages
     dense = Slice(at(0), at(4), (at(0), 7), read=100)
     assert slices.split_point(dense, at(100), 10) == at(2)
     bounded = Slice(at(0), at(40), (at(10), 1), read=100)
