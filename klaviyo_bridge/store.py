@@ -75,6 +75,7 @@ from .store_rows import (
     queue_events,
     queue_profiles,
     read_counts,
+    read_customer_of_order,
     read_memory,
     read_names,
     record_invalid_emails,
@@ -292,6 +293,11 @@ class Store:
                 (customer_id, after_id, *codes, epoch(since), EVENT_BITS[unannounced], limit),
             )
         return [int(r[0]) for r in rows]
+
+    async def customer_of_order(self, order_id: int) -> int | None:
+        """Return the customer an order belongs to, if the bridge has seen the order (None otherwise)."""
+        async with self._read() as db:
+            return await read_customer_of_order(db, order_id)
 
     async def load_names(self, customer_id: int, emails: Iterable[str]) -> dict[str, ProfileName]:
         """Return the name last queued for each known email."""
