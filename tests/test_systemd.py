@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from klaviyo_bridge.systemd import Notifier, monotonic_usec, watchdog_interval
+from klaviyo_bridge.systemd import Notifier, listen_sockets, monotonic_usec, watchdog_interval
 
 
 @pytest.fixture
@@ -131,3 +131,47 @@ def test_vanished_listener_is_not_an_error(tmp_path: Path) -> None:
 def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
     """Result: WATCHDOG_USEC in seconds, only when it is meant for this process."""
     assert watchdog_interval(env) == expected
+
+
+# --------------------------------------------------------------------------------------- socket activation
+
+
+def activation_env(pid: int | None = None, fds: int = 1) -> dict[str, str]:
+    """Return what systemd sets for socket activation."""
+    return {"LISTEN_PID": str(os.getpid() if pid is None else pid), "LISTEN_FDS": str(fds),
+            "LISTEN_FDNAMES": "klaviyo-bridge.socket", "OTHER": "kept"}
+
+
+def test_a_passed_listening_socket_is_adopted_and_the_variables_removed() -> None:
+    """1. A listening TCP socket, its descriptor duplicated as systemd would pass it. 2. Adopt it.
+    Result: one socket on that descriptor, serving connections; LISTEN_* removed, other variables kept; the
+    descriptor is close-on-exec (a child must not inherit it)."""
+    with socket.create_server(("127.0.0.1", 0)) as original:
+        fd = os.dup(original.fileno())
+        env = activation_env()
+        [sock] = listen_sockets(env, first_fd=fd)
+        with sock:
+            assert sock.fileno() == fd
+            assert not os.get_inheritable(fd)
+            assert env == {"OTHER": "kept"}
+            with socket.create_connection(sock.getsockname(), timeout=2):
+                conn, _ = sock.accept()
+                conn.close()
+
+
+@pytest.mark.parametrize("env", [{}, activation_env(pid=1), {"LISTEN_PID": "x", "LISTEN_FDS": "1"}])
+def test_sockets_meant_for_another_process_are_left_alone(env: dict[str, str]) -> None:
+    """Result: without LISTEN_PID naming this process nothing is adopted and the environment is untouched."""
+    before = dict(env)
+    assert listen_sockets(env, first_fd=1_000_000) == []
+    assert env == before
+
+
+def test_a_passed_descriptor_that_is_no_listening_socket_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """1. Pass a UDP socket. Result: not adopted, one WARNING, and its descriptor still open (not ours)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        with caplog.at_level(logging.WARNING):
+            assert listen_sockets(activation_env(), first_fd=udp.fileno()) == []
+        assert udp.fileno() >= 0
+        os.fstat(udp.fileno())  # still open
+    assert any("not a listening stream socket" in r.getMessage() for r in caplog.records)
