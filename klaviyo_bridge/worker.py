@@ -65,6 +65,9 @@ class CustomerWorker:
         for upstream in ("whiplash", "klaviyo"):  # a series from the start: dashboards show 0, not "no data"
             self.metrics.set_error_streak(upstream, self.cid, 0.0)
         self.wake = asyncio.Event()
+        # Set by a webhook (``request_poll``), cleared when a poll cycle starts: any number of requests while idle
+        # or during a poll give one poll (after the running one), never a queue of them.
+        self.poll_requested = asyncio.Event()
         self.setup_done = False
         self.disabled_dropped = False
         self._logged_malformed: set[tuple[int | None, str]] = set()
@@ -298,19 +301,28 @@ class CustomerWorker:
         """Run one burst: poll once and deliver everything deliverable now."""
         await self.run(asyncio.Event(), burst=True)
 
+    def request_poll(self) -> bool:
+        """Ask the poller to poll now (a webhook's wake-up); return False when a poll was already asked for."""
+        if self.poll_requested.is_set():
+            return False
+        self.poll_requested.set()
+        return True
+
     async def run_poller(self, stop: asyncio.Event) -> None:
-        """Poll on a drift-free schedule until ``stop`` is set."""
+        """Poll on a drift-free schedule, and whenever a poll is requested, until ``stop`` is set."""
         interval = self.settings.bridge.poll_interval_seconds
         self._stop = stop
         next_tick = time.monotonic()
         while not stop.is_set():
+            self.poll_requested.clear()  # this poll reads what every request so far was about
             stats = await guarded(self.poll_cycle(), f"poll customer={self.cid}")
             self.progress, self.last_cycle_at = time.monotonic(), self.clock()
             self.summarise(stats or SyncStats())
-            next_tick += interval
-            # A cycle longer than the interval starts the next one at once instead of bursting to catch up.
-            next_tick = max(next_tick, time.monotonic())
-            await sleep_unless(stop, next_tick - time.monotonic())
+            # A requested poll before the tick leaves the tick where it was; a cycle longer than the interval
+            # starts the next one at once instead of bursting to catch up.
+            if time.monotonic() >= next_tick:
+                next_tick = max(next_tick + interval, time.monotonic())
+            await wait_any(stop, self.poll_requested, next_tick - time.monotonic())
 
     async def run_sender(self, stop: asyncio.Event, *, burst: asyncio.Event | None = None) -> None:
         """Deliver whenever rows are queued or come due, until ``stop`` is set.
