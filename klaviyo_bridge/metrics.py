@@ -30,8 +30,8 @@ PREFIX = "klaviyo_bridge"
 METRICS_PATH = "/metrics"
 UPSTREAMS = ("whiplash", "klaviyo")  # the values of the ``upstream`` label
 # The values of the ``outcome`` label of webhook requests (see ``webhooks``); all exported from the start.
-WEBHOOK_OUTCOMES = ("accepted", "unsigned", "bad_signature", "too_large", "malformed", "unknown_customer",
-                    "ignored_disabled")
+WEBHOOK_OUTCOMES = ("accepted", "already_seen", "unsigned", "bad_signature", "too_large", "malformed",
+                    "unknown_customer", "ignored_disabled")
 
 
 class NoMetrics:

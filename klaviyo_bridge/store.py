@@ -294,6 +294,11 @@ class Store:
             )
         return [int(r[0]) for r in rows]
 
+    async def remembered_status(self, customer_id: int, order_id: int) -> int | None:
+        """Return the status the order memory holds for one order, if the bridge has seen it."""
+        memory = (await self.load_memory(customer_id, [order_id])).get(order_id)
+        return None if memory is None else memory.status
+
     async def customer_of_order(self, order_id: int) -> int | None:
         """Return the customer an order belongs to, if the bridge has seen the order (None otherwise)."""
         async with self._read() as db:

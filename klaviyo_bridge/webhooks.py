@@ -14,6 +14,10 @@ Invariants:
   state and never waits for a poll. Its customer is the order's ``customer_id`` (wrapped ``{"order": {...}}``
   or bare), else the customer whose memory holds the order id, else every running customer. One that is not
   running (unknown, disabled) is ignored and counted, still with 202: Whiplash need not retry it.
+- A webhook wakes nobody when the order memory already holds the status it reports (the news was read by an
+  earlier poll, e.g. the rest of a burst after the first poll committed it): a burst of webhooks about changes
+  made before it costs about two polls, however long its delivery takes. Skipping can only delay (never lose)
+  a change the status does not show, such as a new name, until the next poll.
 - Every request that reaches the path is counted by outcome. No body, signature, secret or email reaches a log:
   a rejection logs its reason, at most one WARNING per reason per minute (the rest are counted in the line that
   follows), an acceptance its customer and order id at DEBUG.
@@ -48,8 +52,8 @@ READ_CHUNK: Final = 64 * 1024
 LOOKUP_TIMEOUT_S: Final = 2.0  # a state DB busy longer than this wakes everyone rather than hold the answer
 REJECT_LOG_EVERY_S: Final = 60.0
 
-Outcome = Literal["accepted", "unsigned", "bad_signature", "too_large", "malformed", "unknown_customer",
-                  "ignored_disabled"]
+Outcome = Literal["accepted", "already_seen", "unsigned", "bad_signature", "too_large", "malformed",
+                  "unknown_customer", "ignored_disabled"]
 
 _ADVICE: Final[dict[str, str]] = {
     "unsigned": "a request without X-WHIPLASH-SIGNATURE reached the webhook path; only Whiplash should reach it "
@@ -69,6 +73,7 @@ class Targets:
     running: Callable[[], Collection[int]]  # the customers being polled
     disabled: Callable[[int], bool]  # configured but disabled (ignored rather than unknown)
     customer_of_order: Callable[[int], Awaitable[int | None]]  # from the order memory; None when never seen
+    status_of: Callable[[int, int], Awaitable[int | None]]  # (customer, order) → remembered status, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,7 @@ class Notice:
 
     customer_id: int | None
     order_id: int | None
+    status: int | None  # the order's status in the payload (a snapshot taken when Whiplash queued it)
 
 
 def signature_ok(secret: bytes, body: bytes, signature: str) -> bool:
@@ -95,16 +101,16 @@ def parse_notice(body: bytes) -> Notice | None:
     if not isinstance(doc, dict):
         return None
     order = doc["order"] if isinstance(doc.get("order"), dict) else doc
-    return Notice(_positive_id(order.get("customer_id")), _positive_id(order.get("id")))
+    return Notice(_whole(order.get("customer_id")), _whole(order.get("id")), _whole(order.get("status"), 0))
 
 
-def _positive_id(value: object) -> int | None:
-    """Return a positive integer id given as a JSON number or a string of digits, else None."""
+def _whole(value: object, minimum: int = 1) -> int | None:
+    """Return an integer of at least ``minimum`` given as a JSON number or a string of digits, else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
-    return value if isinstance(value, int) and value > 0 else None
+    return value if isinstance(value, int) and value >= minimum else None
 
 
 async def read_capped(request: web.Request, limit: int) -> bytes | None:
@@ -186,25 +192,35 @@ class Receiver:
         """Wake the notice's customer (looked up by order id if need be), or every running one."""
         cid = notice.customer_id
         if cid is None and notice.order_id is not None:
-            cid = await self._lookup(notice.order_id)
+            cid = await self._lookup(self._targets.customer_of_order(notice.order_id))
         if cid is None:
             woken = sum(self._targets.wake(c) for c in list(self._targets.running()))
             log.debug("webhook accepted customer=unknown order=%s woken=%d", notice.order_id, woken)
             return "accepted"
-        if self._targets.wake(cid):
-            log.debug("webhook accepted customer=%s order=%s", cid, notice.order_id)
-            return "accepted"
-        outcome: Outcome = "ignored_disabled" if self._targets.disabled(cid) else "unknown_customer"
-        log.debug("webhook ignored customer=%s order=%s reason=%s", cid, notice.order_id, outcome)
-        return outcome
+        if cid not in self._targets.running():
+            outcome: Outcome = "ignored_disabled" if self._targets.disabled(cid) else "unknown_customer"
+            log.debug("webhook ignored customer=%s order=%s reason=%s", cid, notice.order_id, outcome)
+            return outcome
+        if await self._already_seen(cid, notice):
+            log.debug("webhook accepted customer=%s order=%s poll=no reason=status_already_seen", cid, notice.order_id)
+            return "already_seen"
+        self._targets.wake(cid)
+        log.debug("webhook accepted customer=%s order=%s", cid, notice.order_id)
+        return "accepted"
 
-    async def _lookup(self, order_id: int) -> int | None:
-        """Return the customer the order memory knows for ``order_id``; None (wake everyone) if it cannot say."""
+    async def _already_seen(self, cid: int, notice: Notice) -> bool:
+        """Tell whether the order memory already holds the status the webhook reports (no poll needed)."""
+        if notice.order_id is None or notice.status is None:
+            return False
+        return await self._lookup(self._targets.status_of(cid, notice.order_id)) == notice.status
+
+    async def _lookup(self, read: Awaitable[int | None]) -> int | None:
+        """Await a read of the order memory; None (so: wake) when the state DB fails or is busy too long."""
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT_S):
-                return await self._targets.customer_of_order(order_id)
+                return await read
         except (TimeoutError, BridgeError) as exc:
-            log.debug("webhook order lookup failed order=%s error=%s", order_id, exc)
+            log.debug("webhook order lookup failed error=%s", exc)
             return None
 
 

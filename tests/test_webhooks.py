@@ -48,9 +48,10 @@ def sign(body: bytes, key: str = SECRET) -> str:
     return hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
 
 
-def order_body(order_id: int = 7001, customer_id: int | str | None = SHOP, *, wrapped: bool = True) -> bytes:
+def order_body(order_id: int = 7001, customer_id: int | str | None = SHOP, *, wrapped: bool = True,
+               status: int = 300) -> bytes:
     """Return a webhook body for an order (with a shopper's email, which must never be logged)."""
-    order: dict[str, object] = {"id": order_id, "status": 300, "email": EMAIL, "shipping_name": "Jane Shopper"}
+    order: dict[str, object] = {"id": order_id, "status": status, "email": EMAIL, "shipping_name": "Jane Shopper"}
     if customer_id is not None:
         order["customer_id"] = customer_id
     doc = {"event_name": "order.shipped", "order": order} if wrapped else order
@@ -65,6 +66,8 @@ class Pool:
     disabled: set[int] = field(default_factory=lambda: {DISABLED})
     woken: list[int] = field(default_factory=list)
     lookup: Callable[[int], Awaitable[int | None]] | None = None
+    memory: dict[tuple[int, int], int] = field(default_factory=dict)  # (customer, order) → remembered status
+    store: Store | None = None  # when set, the order memory is this real state DB, read as the daemon reads it
 
     def wake(self, cid: int) -> bool:
         if cid not in self.running:
@@ -73,11 +76,18 @@ class Pool:
         return True
 
     async def customer_of_order(self, order_id: int) -> int | None:
+        if self.store is not None:
+            return await self.store.customer_of_order(order_id)
         return None if self.lookup is None else await self.lookup(order_id)
 
+    async def status_of(self, customer_id: int, order_id: int) -> int | None:
+        if self.store is not None:
+            return await self.store.remembered_status(customer_id, order_id)
+        return self.memory.get((customer_id, order_id))
+
     def targets(self) -> Targets:
-        return Targets(wake=self.wake, running=lambda: sorted(self.running), disabled=self.disabled.__contains__,
-                       customer_of_order=self.customer_of_order)
+        return Targets(wake=self.wake, running=lambda: self.running, disabled=self.disabled.__contains__,
+                       customer_of_order=self.customer_of_order, status_of=self.status_of)
 
 
 @dataclass
@@ -166,9 +176,9 @@ async def test_customer_found_by_order_id_in_the_state_db(served: Served, tmp_pa
     Result: 202 and only OTHER woken (the lookup is the store's own read)."""
     async with await Store.open(tmp_path / "state.db") as store:
         now = datetime.now(UTC)
-        await store.commit_page(OTHER, Plan(orders={9001: OrderMemory(300)}), None, [], now)
+        await store.commit_page(OTHER, Plan(orders={9001: OrderMemory(200)}), None, [], now)
         await store.commit_page(SHOP, Plan(orders={9002: OrderMemory(300)}), None, [], now)
-        served.pool.lookup = store.customer_of_order
+        served.pool.store = store
         assert await store.customer_of_order(424242) is None
         assert await served.post(order_body(9001, customer_id=None)) == 202
     assert served.pool.woken == [OTHER]
@@ -199,6 +209,33 @@ async def test_a_failing_lookup_wakes_everyone_rather_than_nobody(
     served.pool.lookup = broken
     assert await served.post(order_body(5, customer_id=None)) == 202
     assert sorted(served.pool.woken) == [SHOP, OTHER]
+
+
+async def test_news_the_bridge_already_has_wakes_nobody(served: Served) -> None:
+    """1. The order memory holds order 7001 of SHOP at 300. 2. A webhook for it at 300; 3. one at 350; 4. one for
+    an order never seen. Result: 202 each; the first is counted already_seen and wakes nobody (an earlier poll
+    read that status); the other two wake SHOP."""
+    served.pool.memory[(SHOP, 7001)] = 300
+    assert await served.post(order_body(7001, status=300)) == 202
+    assert served.pool.woken == []
+    assert await served.post(order_body(7001, status=350)) == 202
+    assert await served.post(order_body(7002, status=300)) == 202
+    assert served.pool.woken == [SHOP, SHOP]
+    assert served.counts() == {"already_seen": 1, "accepted": 2}
+
+
+async def test_the_remembered_status_comes_from_the_state_db(served: Served, tmp_path: Path) -> None:
+    """1. A real state DB remembers order 9001 of OTHER at 300; the daemon's own reader serves status_of.
+    Result: a webhook at 300 is already_seen, one at 350 wakes OTHER."""
+    async with await Store.open(tmp_path / "state.db") as store:
+        await store.commit_page(OTHER, Plan(orders={9001: OrderMemory(300)}), None, [], datetime.now(UTC))
+        served.pool.store = store
+        assert await served.post(order_body(9001, customer_id=OTHER, status=300)) == 202
+        assert served.pool.woken == []
+        assert await served.post(order_body(9001, customer_id=SHOP, status=300)) == 202  # not SHOP's order
+        assert await served.post(order_body(9001, customer_id=OTHER, status=350)) == 202
+    assert served.pool.woken == [SHOP, OTHER]
+    assert served.counts() == {"already_seen": 1, "accepted": 2}
 
 
 async def test_unknown_and_disabled_customers_are_answered_202_and_counted(served: Served) -> None:
