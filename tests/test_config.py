@@ -1268,3 +1268,20 @@ def test_a_receiver_off_loopback_is_warned_about(tmp_path: Path, listen: str, wa
     """Result: a listen address other than loopback warns (plain HTTP belongs behind a TLS proxy)."""
     warnings = load(tmp_path, {"webhooks": {"listen": listen}}).warnings
     assert bool([w for w in warnings if w.startswith("webhooks.listen: ")]) == warned
+
+
+def test_the_commented_webhooks_example_shows_the_defaults(tmp_path: Path) -> None:
+    """1. Uncomment the example's [webhooks] block. Result: it loads; path, cap and key (the client secret's
+    credential) are the defaults the model applies, and listen is the socket unit's address."""
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index("# [webhooks]")
+    block = [line.removeprefix("# ") for line in lines[start:start + 5]]
+    text = EXAMPLE.read_text().replace("\n".join(lines[start:start + 5]), "\n".join(block))
+    path = tmp_path / "example.toml"
+    path.write_text(text)
+    directory = credentials_dir(tmp_path, {"whiplash-client-secret": "a", "klaviyo-1234": "b"})
+    s = load_config(path, {"CREDENTIALS_DIRECTORY": str(directory)}, today=TODAY).settings
+    defaults = load(tmp_path).settings.webhooks
+    assert s.webhooks.listen == "127.0.0.1:8787"
+    assert (s.webhooks.path, s.webhooks.max_body_bytes) == (defaults.path, defaults.max_body_bytes)
+    assert s.webhook_secret() == s.whiplash.client_secret

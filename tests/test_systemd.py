@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -175,3 +179,60 @@ def test_a_passed_descriptor_that_is_no_listening_socket_is_skipped(caplog: pyte
         assert udp.fileno() >= 0
         os.fstat(udp.fileno())  # still open
     assert any("not a listening stream socket" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------------- the shipped units
+
+REPO = Path(__file__).resolve().parents[1]
+SERVICE = REPO / "systemd" / "klaviyo-bridge.service"
+SOCKET = REPO / "systemd" / "klaviyo-bridge.socket"
+INSTALLED = "/opt/klaviyo-bridge/.venv/bin/klaviyo-bridge"
+
+
+def unit_lines(path: Path) -> list[str]:
+    """Return a unit's directive lines (no comments, no blanks)."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_socket_listens_on_loopback_and_the_service_stays_unprivileged() -> None:
+    """Result: the socket unit listens on 127.0.0.1:8787 (the README's [webhooks] listen) and carries no
+    PrivateNetwork= (on a socket unit it would hide the socket); the service binds nothing privileged and keeps
+    an empty capability set: it gets the socket from systemd or binds an unprivileged port itself."""
+    socket_lines = unit_lines(SOCKET)
+    assert "ListenStream=127.0.0.1:8787" in socket_lines
+    assert not [line for line in socket_lines if line.startswith("PrivateNetwork=")]
+    service = unit_lines(SERVICE)
+    assert "CapabilityBoundingSet=" in service
+    assert "AmbientCapabilities=" in service
+    assert not [line for line in service if line.startswith(("Sockets=", "PrivateNetwork=", "User=root"))]
+    assert '# listen = "127.0.0.1:8787"' in (REPO / "config.example.toml").read_text()
+
+
+@pytest.fixture
+def analyze() -> str:
+    """Return systemd-analyze, or skip: CI (.ci/run) installs systemd and runs the same checks after the tests."""
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        pytest.skip("systemd-analyze not installed (.ci/run installs it and checks the units)")
+    return found
+
+
+def test_both_units_verify_without_a_warning(analyze: str, tmp_path: Path) -> None:
+    """1. The service with ExecStart pointing at this checkout's console script (verify wants it to exist), the
+    socket beside it. Result: systemd-analyze verify prints nothing and exits 0."""
+    script = Path(sys.executable).parent / "klaviyo-bridge"
+    (tmp_path / SERVICE.name).write_text(SERVICE.read_text().replace(f"ExecStart={INSTALLED} ", f"ExecStart={script} "))
+    (tmp_path / SOCKET.name).write_text(SOCKET.read_text())
+    done = subprocess.run([analyze, "verify", str(tmp_path / SERVICE.name), str(tmp_path / SOCKET.name)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("unit", [SERVICE, SOCKET], ids=lambda path: path.suffix.lstrip("."))
+def test_each_unit_is_rated_2_0_or_better(analyze: str, unit: Path) -> None:
+    """Result: systemd-analyze security --offline rates the service and the socket unit at exposure <= 2.0."""
+    done = subprocess.run([analyze, "security", "--offline=yes", "--threshold=20", "--no-pager", str(unit)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", done.stdout)[1])  # type: ignore[index]
+    assert exposure <= 2.0
