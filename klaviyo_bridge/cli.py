@@ -79,7 +79,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EX_CONFIG
     s = loaded.settings
     print(f"config ok: {len(s.customers)} customers ({len(s.enabled_customers())} enabled)")
+    print(webhooks_line(s))
     return EX_OK
+
+
+def webhooks_line(s: Settings) -> str:
+    """Describe the webhook receiver the config asks for (never its key, only where the key comes from)."""
+    w = s.webhooks
+    if w.listen is None:
+        return (f"webhooks: off, polling only every {s.bridge.poll_interval_seconds:g} s "
+                "(set [webhooks] listen to have Whiplash's webhooks wake the pollers)")
+    key = "webhooks.secret" if w.secret is not None else "whiplash.client_secret"
+    return (f"webhooks: on listen={w.listen} (or the socket systemd passes) path={w.path} key={key} "
+            f"max_body_bytes={w.max_body_bytes}; backstop poll every {s.bridge.poll_interval_seconds:g} s")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

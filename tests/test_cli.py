@@ -40,7 +40,23 @@ def test_check_config_accepts_the_example(creds: Path, tmp_path: Path, capsys: p
     assert main(["check-config", "--config", str(example_with_state_in(tmp_path))]) == EX_OK
     out = capsys.readouterr()
     assert "config ok: 2 customers (1 enabled)" in out.out
+    assert "webhooks: off, polling only every 60 s" in out.out
     assert SECRET not in out.out + out.err
+
+
+def test_check_config_shows_the_webhook_receiver(
+    creds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1. The example with its [webhooks] block uncommented and a 300 s backstop poll. Result: exit 0; one line
+    with listen, path, where the key comes from (never the key) and the backstop interval."""
+    path = example_with_state_in(tmp_path)
+    text = path.read_text().replace("# [webhooks]\n# listen", "[webhooks]\nlisten")
+    path.write_text(text.replace("poll_interval_seconds = 60.0", "poll_interval_seconds = 300.0"))
+    assert main(["check-config", "--config", str(path)]) == EX_OK
+    out = capsys.readouterr().out
+    assert ("webhooks: on listen=127.0.0.1:8787 (or the socket systemd passes) path=/whiplash/webhook "
+            "key=whiplash.client_secret max_body_bytes=1048576; backstop poll every 300 s") in out
+    assert SECRET not in out
 
 
 BAD = """
