@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, demo, logs, ops
+from . import __version__, demo, logs, ops, subscriptions
 from .config import Settings, default_config_path, load_or_report
 from .errors import StoreError
 from .exits import CHECK_UNKNOWN, CONFIG_HELP, EPILOG, EX_CONFIG, EX_FATAL, EX_OK, EX_UNHEALTHY, EX_USAGE
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_config.set_defaults(handler=cmd_check_config)
     _register_status(sub)
     # Commands that live with their own module; each adds its parsers and sets `handler`.
-    for module in (ops, demo, sandbox_cli):
+    for module in (ops, subscriptions, demo, sandbox_cli):
         module.register(sub)
     return parser
 
