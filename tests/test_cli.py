@@ -109,6 +109,20 @@ def test_bad_config_gives_one_line_per_problem_and_exit_78(
     assert "pk_literal_value_in_file" not in err
 
 
+@pytest.mark.parametrize("command", [["check-config"], ["run"]])
+def test_bad_webhook_settings_stop_run_with_78(
+    creds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """1. The example with [webhooks] listen = "8787", a path without "/" and an unresolvable secret.
+    Result: exit 78 before anything starts, one line per problem, naming each key and no secret."""
+    path = example_with_state_in(tmp_path)
+    bad = '\n[webhooks]\nlisten = "8787"\npath = "hook"\nsecret = "env:NO_SUCH_HOOK_KEY"\n'
+    path.write_text(path.read_text() + bad)
+    assert main([*command, "--config", str(path)]) == EX_CONFIG
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("config error: ")]
+    assert sorted(line.split(": ")[1] for line in lines) == ["webhooks.listen", "webhooks.path", "webhooks.secret"]
+
+
 def test_mistyped_state_folder_fails_check_config(creds: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """1. The example with state_path in a folder that does not exist. 2. check-config.
