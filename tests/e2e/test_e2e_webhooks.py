@@ -35,12 +35,14 @@ from kit.faultkit import (
 from kit.hookkit import (
     free_port,
     hook_sections,
+    last_polls,
     metric,
     orders_requests,
     outcomes,
     post,
     receiver_url,
     sign,
+    wake_all,
     webhook_body,
 )
 
@@ -51,10 +53,14 @@ BACKSTOP_S = 120.0
 WITHIN_S = 30.0  # far below the 120 s backstop: only a webhook can have made it this fast
 
 
-async def started(bridge: Bridge, proc: Proc, sims: Sims, cids: Iterable[int]) -> None:
-    """Wait until the receiver listens and the start-up poll has caught up and sent everything."""
+async def started(bridge: Bridge, proc: Proc, sims: Sims, cids: Iterable[int], port: int) -> None:
+    """Wait until the receiver listens and a first poll (woken now) has ended, caught up and sent everything."""
     await proc.wait_for_line("webhooks listening on http://127.0.0.1:", 20)
     wanted = list(cids)
+    before = last_polls(bridge.state_path, wanted)
+    await wake_all(port)
+    await eventually(lambda: all(at != before[cid] for cid, at in last_polls(bridge.state_path, wanted).items()),
+                     limit_s=20, what="the woken polls")
     try:
         await eventually(lambda: caught_up(bridge.state_path, sims.whiplash, wanted)
                          and facts(bridge.state_path).pending_rows == 0, limit_s=30, what="the start-up sync")
@@ -92,7 +98,7 @@ async def test_webhooks_deliver_long_before_the_backstop_poll(tmp_path: Path) ->
         ledger.observe_all()
         bridge = Bridge(tmp_path, sims, [SHOP, OTHER], hook_sections(port)).write()
         async with bridge.running() as proc:
-            await started(bridge, proc, sims, [SHOP.cid, OTHER.cid])
+            await started(bridge, proc, sims, [SHOP.cid, OTHER.cid], port)
             sims.whiplash.subscribe(receiver_url(port))
             began = time.monotonic()
             changes = 0
@@ -120,7 +126,7 @@ async def test_dropped_webhooks_are_covered_by_the_backstop_poll(tmp_path: Path)
         ledger.observe_all()
         bridge = Bridge(tmp_path, sims, [SHOP], hook_sections(port, poll_s=3.0)).write()
         async with bridge.running() as proc:
-            await started(bridge, proc, sims, [SHOP.cid])
+            await started(bridge, proc, sims, [SHOP.cid], port)
             sims.whiplash.subscribe(receiver_url(port))
             sims.whiplash.webhooks.drop_next(100_000)
             for _ in range(3):
@@ -145,7 +151,7 @@ async def test_duplicated_reordered_and_late_webhooks_deliver_each_event_once(tm
         ledger.observe_all()
         bridge = Bridge(tmp_path, sims, [SHOP], hook_sections(port)).write()
         async with bridge.running() as proc:
-            await started(bridge, proc, sims, [SHOP.cid])
+            await started(bridge, proc, sims, [SHOP.cid], port)
             hub = sims.whiplash.webhooks
             sims.whiplash.subscribe(receiver_url(port))
             hub.duplicate, hub.delay_s = True, 0.3
@@ -175,7 +181,7 @@ async def test_forged_oversized_and_malformed_requests_wake_nothing(tmp_path: Pa
         ledger.observe_all()
         bridge = Bridge(tmp_path, sims, [SHOP], hook_sections(port, webhooks={"max_body_bytes": "65536"})).write()
         async with bridge.running() as proc, aiohttp.ClientSession() as http:
-            await started(bridge, proc, sims, [SHOP.cid])
+            await started(bridge, proc, sims, [SHOP.cid], port)
             w.subscribe(receiver_url(port), customer_id=SHOP.cid, events=["order.status_changed", "order.created"])
             quiet_since = time.monotonic()
             events_before = len(sims.account(SHOP).events)
@@ -226,7 +232,7 @@ async def test_a_burst_of_1000_webhooks_costs_at_most_two_polls(tmp_path: Path) 
         bridge = Bridge(tmp_path, sims, [SHOP], sections).write()
         scrape_url = f"http://127.0.0.1:{metrics_port}/metrics"
         async with bridge.running() as proc, aiohttp.ClientSession() as http:
-            await started(bridge, proc, sims, [SHOP.cid])
+            await started(bridge, proc, sims, [SHOP.cid], port)
             polls_before = metric(await (await http.get(scrape_url)).text(), "klaviyo_bridge_polls_total",
                                   customer=SHOP.cid, outcome="ok")
             w.subscribe(receiver_url(port), customer_id=SHOP.cid, events=["order.shipped"])
@@ -256,13 +262,13 @@ async def test_a_burst_of_1000_webhooks_costs_at_most_two_polls(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-async def test_webhooks_lost_while_the_daemon_is_down_are_covered_by_its_start_up_poll(
+async def test_webhooks_lost_while_the_daemon_is_down_are_covered_by_a_later_poll(
     tmp_path: Path, stop: signal.Signals
 ) -> None:
     """1. The daemon binds the receiver itself (no socket activation). 2. Stop it (SIGTERM or SIGKILL), move
-    orders, restart. Result: those webhooks found no listener (without the socket unit nothing queues them);
-    the start-up poll after the restart delivered the moves anyway, once. (With the socket unit they wait in the
-    kernel instead: tests/system/test_socket_activation.py.)"""
+    orders, restart; a later webhook wakes it. Result: those webhooks found no listener (without the socket unit
+    nothing queues them); the first poll after the restart delivered the moves anyway, once. (With the socket
+    unit they wait in the kernel instead: tests/system/test_socket_activation.py.)"""
     port = free_port()
     async with serve([SHOP]) as sims:
         script = OrderScript(sims.whiplash, SHOP.cid, seed=6)
@@ -272,13 +278,13 @@ async def test_webhooks_lost_while_the_daemon_is_down_are_covered_by_its_start_u
         bridge = Bridge(tmp_path, sims, [SHOP], hook_sections(port)).write()
         sims.whiplash.subscribe(receiver_url(port))
         async with bridge.running() as proc:
-            await started(bridge, proc, sims, [SHOP.cid])
+            await started(bridge, proc, sims, [SHOP.cid], port)
             proc.proc.send_signal(stop)
             await proc.wait(20)
         move([script], ledger, share=1.0)
         await eventually(lambda: sims.whiplash.webhooks.is_idle, limit_s=10, what="the deliveries")
         assert set(outcomes(sims.whiplash.webhook_deliveries)) == {"error"}
         async with bridge.running() as proc:
-            await started(bridge, proc, sims, [SHOP.cid])
+            await started(bridge, proc, sims, [SHOP.cid], port)
             assert await proc.stop() == 0
         assert_delivered_once(sims, bridge, ledger)

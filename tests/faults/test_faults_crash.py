@@ -9,8 +9,6 @@ failpoint that silently moved would fail here.
 from __future__ import annotations
 
 import signal
-import sqlite3
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from kit.faultkit import (
     serve,
     shops,
 )
-from kit.hookkit import free_port, hook_sections, receiver_url
+from kit.hookkit import free_port, hook_sections, last_polls, receiver_url, wake_all
 
 from klaviyo_bridge.sandbox.whiplash import OrderScript
 
@@ -163,8 +161,9 @@ async def test_kill_during_token_refresh_keeps_the_chain(tmp_path: Path) -> None
 
 # ------------------------------------------------------------------------ with the webhook receiver on
 
-# Where each point is first reached after the armed daemon's start-up poll: that poll (nothing new, one page)
-# passes each page point once and sends nothing, so the next hit is in the poll a webhook wakes, or its sends.
+# Where each point is first reached after the armed daemon's first poll: that poll (nothing new, one page)
+# passes each page point once and sends nothing, so the next hit is in the poll the orders' webhooks wake, or
+# its sends.
 WEBHOOK_KILLS = [("after_fetch", 2), ("during_cursor_update", 2), ("after_outbox_commit", 2), ("mid_batch", 1),
                  ("after_send_before_mark", 1)]
 
@@ -172,8 +171,8 @@ WEBHOOK_KILLS = [("after_fetch", 2), ("during_cursor_update", 2), ("after_outbox
 @pytest.mark.parametrize(("point", "nth"), WEBHOOK_KILLS, ids=[point for point, _ in WEBHOOK_KILLS])
 async def test_kill_in_a_poll_a_webhook_woke(tmp_path: Path, point: str, nth: int) -> None:
     """1. The daemon (backstop poll 120 s, receiver on, Whiplash subscribed) syncs the history and stops.
-    2. Restarted with ``point`` armed, it is woken by the webhooks of moving orders and SIGKILLs itself in that
-    poll (or its sends). 3. Restarted clean, more orders move, by webhook only.
+    2. Restarted with ``point`` armed, it polls once (nothing new), then is woken by the webhooks of moving orders
+    and SIGKILLs itself in that poll (or its sends). 3. Restarted clean, more orders move, by webhook only.
     Result: the webhooks were answered 202 before the kill; every expected event is recorded once, re-sends stay
     within the rows unmarked at the kill, no dead letter, a sound DB and a working token chain."""
     port = free_port()
@@ -182,13 +181,15 @@ async def test_kill_in_a_poll_a_webhook_woke(tmp_path: Path, point: str, nth: in
         script = OrderScript(sims.whiplash, SHOP.cid, seed=SHOP.cid + 1)
         bridge = Bridge(tmp_path, sims, [SHOP], hook_sections(port, whiplash={"page_size": "250"})).write()
         async with bridge.running() as proc:
+            await proc.wait_for_line("webhooks listening", 20)
+            await wake_all(port)
             await synced(bridge, sims)
             assert await proc.stop() == 0
         sims.whiplash.subscribe(receiver_url(port), customer_id=SHOP.cid)
-        polled = last_poll_at(bridge)
+        polled = last_polls(bridge.state_path, [SHOP.cid])
         async with bridge.running(failpoints=f"{point}=kill@{nth}") as proc:
             await proc.wait_for_line("webhooks listening", 20)
-            await eventually(lambda: last_poll_at(bridge) != polled, limit_s=10, what="the start-up poll")
+            await first_poll(bridge, port, polled)
             script.spawn(2)
             script.tick(share=1.0)
             ledger.observe_all()
@@ -198,6 +199,8 @@ async def test_kill_in_a_poll_a_webhook_woke(tmp_path: Path, point: str, nth: in
         at_kill = facts(bridge.state_path)
         before = sims.duplicates()
         async with bridge.running() as proc:
+            await proc.wait_for_line("webhooks listening", 20)
+            await wake_all(port)
             await synced(bridge, sims)
             script.tick(share=1.0)
             ledger.observe_all()
@@ -214,8 +217,15 @@ async def synced(bridge: Bridge, sims: Sims) -> None:
                      and facts(bridge.state_path).pending_rows == 0, limit_s=30, what="the bridge to catch up")
 
 
-def last_poll_at(bridge: Bridge) -> str | None:
-    """Return when the customer's last poll ended, as the state DB says."""
-    with closing(sqlite3.connect(f"{bridge.state_path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)) as db:
-        row = db.execute("SELECT last_poll_at FROM customers WHERE customer_id = ?", (SHOP.cid,)).fetchone()
-    return None if row is None else str(row[0])
+
+async def first_poll(bridge: Bridge, port: int, before: dict[int, str | None]) -> None:
+    """Wait for the daemon's first poll (nothing new: one page, nothing to send): the start-up poll, or, when the
+    first scheduled poll waits for a later slot of the interval, one a webhook wakes now."""
+    def polled() -> bool:
+        return last_polls(bridge.state_path, [SHOP.cid]) != before
+
+    try:
+        await eventually(polled, limit_s=3, what="the start-up poll")
+    except AssertionError:
+        await wake_all(port)
+        await eventually(polled, limit_s=10, what="the first poll")

@@ -7,7 +7,7 @@ core. After each kill, re-sends are bounded by the event rows that were still un
 
 It runs twice: polling every second, and with the webhook receiver on (the backstop poll at 30 s, so the polls
 between restarts are the ones Whiplash's webhooks wake; webhooks sent while the daemon is dead are lost, as
-they would be without the socket unit, and its start-up poll covers them).
+they would be without the socket unit, and the next poll covers them).
 
 ``SOAK_KILLS`` (default 20) and ``SOAK_SEED`` change the size and the run; ``make soak`` runs 200 kills each.
 """

@@ -10,12 +10,16 @@ import hashlib
 import hmac
 import json
 import socket
-from collections.abc import Mapping
+import sqlite3
+from collections.abc import Iterable, Mapping
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from kit.bridgekit import toml_str
+from kit.faultkit import CLIENT_SECRET
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash
 from klaviyo_bridge.sandbox.whiplash_webhooks import WebhookDelivery
 
@@ -65,6 +69,27 @@ async def post(http: aiohttp.ClientSession, url: str, body: bytes, signature: st
     async with http.post(url, data=body, headers=headers) as resp:
         await resp.read()
         return resp.status
+
+
+async def wake_all(port: int) -> None:
+    """POST one signed webhook naming no customer, so every running customer polls now, as any webhook would make
+    it: tests that wait for a first sync then do not depend on when the first scheduled poll comes."""
+    body = b"{}"
+    async with aiohttp.ClientSession() as http:
+        assert await post(http, receiver_url(port), body, sign(CLIENT_SECRET, body)) == 202
+
+
+def last_polls(state_path: Path, cids: Iterable[int]) -> dict[int, str | None]:
+    """Return when each customer's last poll ended, as the state DB says (None: never, or no DB yet)."""
+    wanted = list(cids)
+    if not state_path.exists():
+        return dict.fromkeys(wanted)
+    with closing(sqlite3.connect(f"{state_path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)) as db:
+        try:
+            rows = dict(db.execute("SELECT customer_id, last_poll_at FROM customers").fetchall())
+        except sqlite3.Error:
+            rows = {}
+    return {cid: rows.get(cid) for cid in wanted}
 
 
 def orders_requests(whiplash: FakeWhiplash, cid: int, since: float) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from kit.bridgekit import eventually
 from kit.faultkit import Bridge, Ledger, Proc, Sims, assert_delivered_once, caught_up, facts, serve, shops
-from kit.hookkit import hook_sections, outcomes, receiver_url
+from kit.hookkit import hook_sections, outcomes, receiver_url, wake_all
 
 from klaviyo_bridge.sandbox.whiplash import OrderScript
 
@@ -90,6 +90,7 @@ async def test_the_passed_socket_is_served_and_queues_webhooks_across_a_restart(
         async with activated(bridge, held_socket) as proc:
             line = await proc.wait_for_line("webhooks listening", 20)
             assert f"from systemd socket http://127.0.0.1:{port} path=/whiplash/webhook" in line
+            await wake_all(port)
             await synced(bridge, sims)
             sims.whiplash.subscribe(receiver_url(port), customer_id=SHOP.cid)
             script.spawn(1)
