@@ -6,11 +6,13 @@ receiver's default key (the Whiplash client secret) verifies the simulator's del
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import socket
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping
 from contextlib import closing
 from pathlib import Path
@@ -96,6 +98,21 @@ def orders_requests(whiplash: FakeWhiplash, cid: int, since: float) -> int:
     """Count the orders requests Whiplash served for ``cid`` after its monotonic time ``since``."""
     return sum(1 for r in whiplash.counters.log if r.at > since and r.path.startswith("/api/v2/orders")
                and r.headers.get("x-customer-id") == str(cid))
+
+
+async def polls_settled(whiplash: FakeWhiplash, cids: Iterable[int], quiet_s: float = 1.0,
+                        limit_s: float = 30.0) -> None:
+    """Wait until Whiplash has served no orders request for these customers for ``quiet_s``: no poll runs, and
+    none is pending (a requested poll starts as soon as the one before it ends)."""
+    wanted = {str(cid) for cid in cids}
+    deadline = time.monotonic() + limit_s
+    while True:
+        last = max((r.at for r in whiplash.counters.log if r.path.startswith("/api/v2/orders")
+                    and r.headers.get("x-customer-id") in wanted), default=0.0)
+        if time.monotonic() - last >= quiet_s:
+            return
+        assert time.monotonic() < deadline, "the polls did not settle"
+        await asyncio.sleep(0.1)
 
 
 def outcomes(deliveries: list[WebhookDelivery]) -> dict[str, int]:
