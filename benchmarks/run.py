@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import scenarios
+import webhook_latency
 from scenarios import Row, verdict
 
 Scenario = Callable[[Path], Awaitable[list[Row]]]
@@ -35,6 +36,7 @@ FULL: dict[str, Scenario] = {
     "backfill": scenarios.backfill,
     "pipeline": scenarios.pipeline,
     "latency": scenarios.latency,
+    "webhooks": webhook_latency.webhook_latency,
     "db": scenarios.db_growth,
     "peer": scenarios.naive_peer,
     "realistic": scenarios.realistic,
@@ -46,6 +48,7 @@ QUICK: dict[str, Scenario] = {
     "backfill": lambda tmp: scenarios.backfill(tmp, 2000),
     "pipeline": lambda tmp: scenarios.pipeline(tmp, 2000),
     "latency": lambda tmp: scenarios.latency(tmp, 20, 8.0, 2.0),
+    "webhooks": lambda tmp: webhook_latency.webhook_latency(tmp, 30, 10.0),
     "db": lambda tmp: scenarios.db_growth(tmp, 5000),
     "peer": lambda tmp: scenarios.naive_peer(tmp, 40),
     "realistic": lambda tmp: scenarios.realistic(tmp, 1000),

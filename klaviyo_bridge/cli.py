@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, demo, logs, ops
+from . import __version__, demo, logs, ops, subscriptions
 from .config import Settings, default_config_path, load_or_report
 from .errors import StoreError
 from .exits import CHECK_UNKNOWN, CONFIG_HELP, EPILOG, EX_CONFIG, EX_FATAL, EX_OK, EX_UNHEALTHY, EX_USAGE
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_config.set_defaults(handler=cmd_check_config)
     _register_status(sub)
     # Commands that live with their own module; each adds its parsers and sets `handler`.
-    for module in (ops, demo, sandbox_cli):
+    for module in (ops, subscriptions, demo, sandbox_cli):
         module.register(sub)
     return parser
 
@@ -88,7 +88,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EX_CONFIG
     s = loaded.settings
     print(f"config ok: {len(s.customers)} customers ({len(s.enabled_customers())} enabled)")
+    print(webhooks_line(s))
     return EX_OK
+
+
+def webhooks_line(s: Settings) -> str:
+    """Describe the webhook receiver the config asks for (never its key, only where the key comes from)."""
+    w = s.webhooks
+    if w.listen is None:
+        return (f"webhooks: off, polling only every {s.bridge.poll_interval_seconds:g} s "
+                "(set [webhooks] listen to have Whiplash's webhooks wake the pollers)")
+    key = "webhooks.secret" if w.secret is not None else "whiplash.client_secret"
+    return (f"webhooks: on listen={w.listen} (or the socket systemd passes) path={w.path} key={key} "
+            f"max_body_bytes={w.max_body_bytes}; backstop poll every {s.bridge.poll_interval_seconds:g} s")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ Invariants kept here:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -377,6 +378,33 @@ class CustomerSettings(BaseModel):
         return frozenset(EventKind(name) for name in self.events)
 
 
+_WEBHOOK_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
+_MIB = 1024 * 1024
+
+
+def _webhook_path(value: str) -> str:
+    """Accept an absolute URL path (no query, fragment or whitespace): where Whiplash POSTs its webhooks."""
+    if not _WEBHOOK_PATH.fullmatch(value):
+        raise _fail(f'must be a URL path starting with "/", e.g. "/whiplash/webhook" (got {quote(value)})')
+    return value
+
+
+class WebhookSettings(BaseModel):
+    """The receiver of Whiplash's signed webhooks, which wake a customer's poller (unset listen: polling only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    listen: Annotated[str, Strict(), AfterValidator(_listen_address)] | None = None
+    path: Annotated[str, Strict(), AfterValidator(_webhook_path)] = "/whiplash/webhook"
+    # Whiplash signs with the OAuth application's client secret; a separate key only if Whiplash ever uses one.
+    secret: Secret | None = None
+    max_body_bytes: Int = Field(default=_MIB, ge=1024, le=64 * _MIB)
+
+    def address(self) -> tuple[str, int] | None:
+        """Return the (host, port) to bind when systemd passes no socket (IPv6 without brackets), or None: off."""
+        return None if self.listen is None else _split_host_port(self.listen)
+
+
 class Settings(BaseModel):
     """The whole validated configuration."""
 
@@ -388,6 +416,7 @@ class Settings(BaseModel):
     events: EventSettings = Field(default_factory=EventSettings)
     statuses: StatusSettings = Field(default_factory=StatusSettings)
     customers: tuple[CustomerSettings, ...] = ()
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @field_validator("customers")
     @classmethod
@@ -426,6 +455,10 @@ class Settings(BaseModel):
         """Return the customers the daemon should poll."""
         return tuple(customer for customer in self.customers if customer.enabled)
 
+    def webhook_secret(self) -> SecretStr:
+        """Return the key webhook signatures are checked with: [webhooks] secret, else the Whiplash client secret."""
+        return self.webhooks.secret or self.whiplash.client_secret
+
     def rules_for(self, customer: CustomerSettings) -> Rules:
         """Build the pure-core rules for ``customer``."""
         return Rules(
@@ -448,7 +481,8 @@ class LoadedConfig:
     def secret_values(self) -> list[str]:
         """Return every resolved secret value, for the log redactor (references that were not resolved too)."""
         s = self.settings
-        values = [s.whiplash.client_secret, s.whiplash.refresh_token, *(c.klaviyo_api_key for c in s.customers)]
+        values = [s.whiplash.client_secret, s.whiplash.refresh_token, s.webhooks.secret,
+                  *(c.klaviyo_api_key for c in s.customers)]
         return [v.get_secret_value() for v in values if v is not None]
 
 
@@ -593,7 +627,21 @@ def _advice(settings: Settings, today: date) -> list[str]:
                 f"customers[{index}].launch_date: {customer.launch_date} is more than a year ago; "
                 "check the year (the bridge only reads changes from launch_date - backfill_days on)"
             )
+    address = settings.webhooks.address()
+    if address is not None and not _is_loopback(address[0]):
+        advice.append(
+            f"webhooks.listen: {quote(settings.webhooks.listen or '')} is not a loopback address; the receiver "
+            "speaks plain HTTP, so keep it on 127.0.0.1 behind a TLS reverse proxy (README: Webhooks)"
+        )
     return advice
+
+
+def _is_loopback(host: str) -> bool:
+    """Tell whether ``host`` names this machine only (127.0.0.0/8, ::1 or localhost)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # The describers below are bound to their words with partial() in _MESSAGES rather than built by factories

@@ -36,12 +36,16 @@ class _Unresolvable(Exception):
 def _secret_slots(raw: dict[str, Any]) -> Iterator[tuple[Loc, dict[str, Any], str, bool]]:
     """Yield (key path, table, key, in use) for every place a secret may sit in the raw TOML.
 
-    A disabled customer's key is not in use: the daemon never calls Klaviyo for it.
+    A disabled customer's key is not in use: the daemon never calls Klaviyo for it; nor is a webhook secret
+    while ``[webhooks] listen`` is unset.
     """
     whiplash = raw.get("whiplash")
     if isinstance(whiplash, dict):
         for key in ("client_secret", "refresh_token"):
             yield ("whiplash", key), whiplash, key, True
+    webhooks = raw.get("webhooks")
+    if isinstance(webhooks, dict):  # in use only when the receiver is on
+        yield ("webhooks", "secret"), webhooks, "secret", webhooks.get("listen") is not None
     customers = raw.get("customers")
     if isinstance(customers, list):
         for index, customer in enumerate(customers):

@@ -41,6 +41,7 @@ from .metrics import Metrics, MetricsServer, MetricsSink, metrics_for, start_met
 from .ratelimit import AccountLimiter
 from .store import Store
 from .systemd import Notifier, watchdog_interval
+from .webhooks import Targets, WebhookServer, serve_webhooks
 from .whiplash import WhiplashClient
 from .worker import CustomerWorker
 
@@ -231,8 +232,9 @@ def effective_settings(old: Settings, new: Settings) -> tuple[Settings, list[str
     """Return the settings to run after a reload and the changed keys that only a restart applies."""
     pending = _changed(old.whiplash, new.whiplash, "whiplash")
     pending += _changed(old.bridge, new.bridge, "bridge", _RESTART_ONLY_BRIDGE)
+    pending += _changed(old.webhooks, new.webhooks, "webhooks")  # the receiver keeps its socket and secret
     bridge = new.bridge.model_copy(update={name: getattr(old.bridge, name) for name in _RESTART_ONLY_BRIDGE})
-    return new.model_copy(update={"whiplash": old.whiplash, "bridge": bridge}), pending
+    return new.model_copy(update={"whiplash": old.whiplash, "bridge": bridge, "webhooks": old.webhooks}), pending
 
 
 def _worker_inputs(settings: Settings) -> tuple[object, ...]:
@@ -288,6 +290,7 @@ class Daemon:
         # One for the process: every customer's polls spend the same Whiplash application.
         self.whiplash_health = UpstreamHealth("whiplash", metrics=self.metrics)
         self._metrics_server: MetricsServer | None = None
+        self._webhooks: WebhookServer | None = None
         self._reload_note = ""
 
     async def run(self) -> int:
@@ -364,6 +367,8 @@ class Daemon:
         if self.once:
             await self.pool.join()
             return
+        # Before READY=1: "ready" includes receiving webhooks, and every wake-up finds its worker started.
+        self._webhooks = await serve_webhooks(self.settings, self._webhook_targets(), self.metrics)
         self._start_background()
         self.notifier.ready(f"running customers={len(self.pool.running)}")
         while not self.stop.is_set():
@@ -372,7 +377,33 @@ class Daemon:
                 self.reload_requested.clear()
                 self.reload()
         self.notifier.stopping("stopping: finishing in-flight work")
+        await self._close_webhooks()  # stop accepting first: no wake-up may reach a draining worker
         await self._drain()
+
+    def _webhook_targets(self) -> Targets:
+        """Let the receiver wake the live pool's workers (a reload's added customers too), no more."""
+        assert self._store is not None, "startup() first"
+        return Targets(
+            wake=self._wake,
+            running=self.pool.running.keys,
+            disabled=lambda cid: any(c.whiplash_customer_id == cid for c in self.settings.customers if not c.enabled),
+            customer_of_order=self._store.customer_of_order,
+            status_of=self._store.remembered_status,
+        )
+
+    def _wake(self, cid: int) -> bool:
+        """Ask a running customer's poller to poll now; False when the customer is not running."""
+        running = self.pool.running.get(cid)
+        if running is None:
+            return False
+        self.metrics.webhook_wakeup(cid, running.worker.request_poll())
+        return True
+
+    async def _close_webhooks(self) -> None:
+        """Stop the webhook receiver, if it runs."""
+        if self._webhooks is not None:
+            await self._webhooks.close()
+            self._webhooks = None
 
     def _start_background(self) -> None:
         """Start the watchdog (when systemd asked for one) and the per-cycle STATUS= line."""
@@ -532,6 +563,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         """Stop background tasks, close sessions and the store, logging what stays queued."""
+        await self._close_webhooks()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,9 +1,12 @@
 """``klaviyo-bridge demo``: the real daemon against the built-in simulators, then a readable summary.
 
 The simulators run in this process; the bridge runs as a child process (``python -m klaviyo_bridge run``)
-with a temporary config whose secrets are ``env:`` references, exactly as in production. Orders move every
-second while it runs; then the child gets SIGTERM and the summary is read from the simulated Klaviyo, the
-simulated Whiplash and ``klaviyo-bridge status --json``.
+with a temporary config whose secrets are ``env:`` references, exactly as in production. Its webhook receiver
+is on and the simulated Whiplash subscribes it to every order event, so changes arrive by signed webhook
+within a fraction of a second while polling (every 30 s) stays the backstop; Whiplash forges one webhook and
+loses another on purpose. Orders move every second while it runs; then the child gets SIGTERM and the summary
+is read from the simulated Klaviyo, the simulated Whiplash and ``klaviyo-bridge status --json``, with the
+latency measured from each webhook's arrival to its event recorded in Klaviyo.
 
 Invariants: everything lives in a temporary directory removed at the end; the child runs in its own session
 so a Ctrl-C reaches only the demo, which then stops the child once, gracefully; the exit code is 0 exactly
@@ -16,8 +19,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -26,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from .core import DEFAULT_METRIC_NAMES, DEFAULT_STATUS_EVENTS, EventKind
 from .sandbox.world import (
@@ -42,15 +47,18 @@ from .sandbox.world import (
 
 if TYPE_CHECKING:
     from .sandbox.klaviyo import Account
-    from .sandbox.whiplash import SimOrder
+    from .sandbox.whiplash import FakeWhiplash, SimOrder
 
 EX_OK = 0
 EX_FAILED = 1
 TICK_SECONDS = 1.0
 SETTLE_SECONDS = 2.0  # after the last order move: one poll plus delivery, so the summary shows a settled state
 GRACE_SECONDS = 5.0
+BACKSTOP_SECONDS = 30.0  # the poll interval: with webhooks on, polling only backs them up
+WEBHOOK_PATH = "/whiplash/webhook"
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d) (\w+)\s+klaviyo_bridge\.(\w+): (.*)$")
 Status = Mapping[str, Any]
+LatencyStart = Literal["arrival", "change"]  # from a webhook's arrival, or from the change Whiplash wrote
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -77,6 +85,7 @@ class RunOutcome:
     changes: int = 0
     spawned: int = 0
     status: list[dict[str, Any]] = field(default_factory=list)
+    webhook_port: int = 0
 
 
 async def run_demo(seconds: float, out: TextIO) -> int:
@@ -85,10 +94,13 @@ async def run_demo(seconds: float, out: TextIO) -> int:
     sandbox = build_sandbox(customers)
     with tempfile.TemporaryDirectory(prefix="klaviyo-bridge-demo-") as tmp:
         async with serve_sandbox(sandbox) as urls:
+            port = free_port()
             config = Path(tmp) / "config.toml"
-            config.write_text(config_text(urls, Path(tmp) / "state.db", customers, grace=GRACE_SECONDS))
-            _print(out, intro(urls, sandbox, config, seconds))
-            outcome = await run_bridge(sandbox, config, seconds, out)
+            config.write_text(config_text(urls, Path(tmp) / "state.db", customers, grace=GRACE_SECONDS,
+                                          poll_interval=BACKSTOP_SECONDS, webhooks_listen=f"127.0.0.1:{port}"))
+            sandbox.whiplash.subscribe(f"http://127.0.0.1:{port}{WEBHOOK_PATH}")  # every order event, every shop
+            _print(out, intro(urls, sandbox, config, seconds, port))
+            outcome = await run_bridge(sandbox, config, seconds, out, port)
             outcome.status = await read_status(config, customers)
         _print(out, summary(sandbox, outcome, datetime.now(UTC)))
     return EX_OK if outcome.returncode == 0 and outcome.status else EX_FAILED
@@ -103,9 +115,30 @@ def _print(out: TextIO, lines: Sequence[str]) -> None:
 # ---------------------------------------------------------------- running the bridge
 
 
-async def run_bridge(sandbox: Sandbox, config: Path, seconds: float, out: TextIO) -> RunOutcome:
+def free_port() -> int:
+    """Return a loopback port nobody listens on right now (for the bridge's webhook receiver)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def until_listening(port: int, stop: asyncio.Event, limit_s: float = 15.0) -> None:
+    """Wait until something accepts connections on ``port`` (the receiver is up), or ``stop``, or the limit."""
+    deadline = time.monotonic() + limit_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await _wait_or_stop(stop, 0.1)
+            continue
+        writer.close()
+        return
+
+
+async def run_bridge(sandbox: Sandbox, config: Path, seconds: float, out: TextIO, port: int) -> RunOutcome:
     """Run the daemon as a child, move orders for ``seconds``, let it settle, then SIGTERM it."""
-    outcome = RunOutcome()
+    outcome = RunOutcome(webhook_port=port)
     stop = asyncio.Event()  # Ctrl-C, or the child exiting on its own, ends the run early
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -120,6 +153,9 @@ async def run_bridge(sandbox: Sandbox, config: Path, seconds: float, out: TextIO
     exited.add_done_callback(lambda _: stop.set())
     try:
         started = time.monotonic()
+        await until_listening(port, stop)
+        sandbox.whiplash.webhooks.forge_next(1)  # shown refused (401) in the bridge's log, once
+        sandbox.whiplash.webhooks.drop_next(1)  # lost: the customer's next poll reads its change anyway
         await move_orders(sandbox, seconds, stop, outcome)
         await _wait_or_stop(stop, SETTLE_SECONDS)
         outcome.ran_s = time.monotonic() - started
@@ -195,7 +231,7 @@ async def read_status(config: Path, customers: list[SandboxCustomer]) -> list[di
 # ---------------------------------------------------------------- what is printed
 
 
-def intro(urls: SandboxUrls, sandbox: Sandbox, config: Path, seconds: float) -> list[str]:
+def intro(urls: SandboxUrls, sandbox: Sandbox, config: Path, seconds: float, port: int) -> list[str]:
     """Return the lines printed before the bridge starts."""
     checks = "Klaviyo's OpenAPI spec" if sandbox.klaviyo.spec_validation else "hand-written rules (spec not found)"
     lines = [
@@ -205,7 +241,10 @@ def intro(urls: SandboxUrls, sandbox: Sandbox, config: Path, seconds: float) -> 
         "  customers:",
     ]
     lines += [f"    {c.cid} {c.name:<17} {plan_text(c)}" for c in sandbox.customers]
-    lines.append(f"running the bridge (poll every 1 s) while orders move for {seconds:.0f} s, then SIGTERM …")
+    lines.append(f"  webhooks: Whiplash posts signed order webhooks to http://127.0.0.1:{port}{WEBHOOK_PATH}; "
+                 "it forges one and loses one on purpose")
+    lines.append(f"running the bridge (woken by webhooks, backstop poll every {BACKSTOP_SECONDS:.0f} s) while orders "
+                 f"move for {seconds:.0f} s, then SIGTERM …")
     return lines
 
 
@@ -351,7 +390,49 @@ def overall_section(sandbox: Sandbox, outcome: RunOutcome) -> list[str]:
         "",
         f"run:      {outcome.ran_s:.1f} s with {outcome.changes} status changes and {outcome.spawned} new orders; "
         + stop_text(outcome),
+        *webhook_lines(sandbox),
         f"klaviyo:  {len(sandbox.klaviyo.rejections)} invalid bodies, {dupes} duplicate events, "
         f"{throttled} throttled requests",
         "status:   " + ("read from klaviyo-bridge status --json" if outcome.status else "COULD NOT BE READ"),
     ]
+
+
+def webhook_lines(sandbox: Sandbox) -> list[str]:
+    """Say what the webhooks did and how fast changes turned into Klaviyo events."""
+    deliveries = sandbox.whiplash.webhook_deliveries
+    counts = Counter(f"{d.outcome} {d.status}" if d.status is not None else d.outcome for d in deliveries)
+    shown = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "none sent"
+    lines = [f"webhooks: {shown} (refused 401 = forged; dropped = lost by Whiplash, read by the next poll)"]
+    starts: tuple[tuple[LatencyStart, str], ...] = (("arrival", "webhook arrival"),
+                                                    ("change", "order change in Whiplash"))
+    for start, label in starts:
+        lags = webhook_latencies(sandbox.whiplash, sandbox.klaviyo.accounts, since=start)
+        if lags:
+            lines.append(f"latency:  {label} -> event recorded in Klaviyo: p50 {percentile(lags, 0.5):.2f} s, "
+                         f"p95 {percentile(lags, 0.95):.2f} s, max {max(lags):.2f} s ({len(lags)} live events)")
+    return lines
+
+
+def webhook_latencies(
+    whiplash: FakeWhiplash, accounts: Sequence[Account], *, since: LatencyStart = "arrival"
+) -> list[float]:
+    """Return, per live event recorded in Klaviyo, the seconds from the first webhook (answered 202) reporting
+    its order at a status of its milestone — from its arrival, or from the change Whiplash wrote — to the
+    event's recording; 0 when a poll woken by an earlier webhook had already recorded it. Events without such a
+    webhook (history, forged or lost ones) are left out."""
+    to_wall = time.time() - time.monotonic()  # the simulator stamps deliveries with the monotonic clock
+    start: dict[str, float] = {}
+    for d in whiplash.webhook_deliveries:
+        if d.outcome != "delivered" or d.sent_at is None:
+            continue
+        kind = DEFAULT_STATUS_EVENTS.get(int(d.payload()["order"]["status"]))
+        if kind is not None:
+            start.setdefault(f"{d.order_id}:{kind.value}", (d.sent_at if since == "arrival" else d.queued_at) + to_wall)
+    return [max(0.0, e.received.timestamp() - start[uid]) for acct in accounts for e in acct.events
+            if not e.backfill and (uid := e.unique_id or "") in start]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Return the ``q`` quantile of ``values`` (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]

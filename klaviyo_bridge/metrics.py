@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 PREFIX = "klaviyo_bridge"
 METRICS_PATH = "/metrics"
 UPSTREAMS = ("whiplash", "klaviyo")  # the values of the ``upstream`` label
+# The values of the ``outcome`` label of webhook requests (see ``webhooks``); all exported from the start.
+WEBHOOK_OUTCOMES = ("accepted", "already_seen", "unsigned", "bad_signature", "too_large", "malformed",
+                    "unknown_customer", "ignored_disabled")
 
 
 class NoMetrics:
@@ -80,6 +83,12 @@ class NoMetrics:
         """Do nothing."""
 
     def watch_budget(self, usage: Callable[[], BudgetUsage]) -> None:
+        """Do nothing."""
+
+    def webhook(self, outcome: str) -> None:
+        """Do nothing."""
+
+    def webhook_wakeup(self, customer_id: int, new_poll: bool) -> None:
         """Do nothing."""
 
     def forget(self, customer_id: int) -> None:
@@ -132,6 +141,16 @@ class Metrics(NoMetrics):
         self._achieved = Gauge(f"{PREFIX}_poll_interval_achieved_seconds",
                                "Seconds between the customer's last two polls: the interval the budget allowed.",
                                by_customer, registry=r)
+        # Webhook requests carry no customer label: most outcomes (forged, unsigned, too large) have no customer.
+        self._webhooks = Counter(f"{PREFIX}_webhooks", "Webhook requests received, by outcome.", ["outcome"],
+                                 registry=r)
+        for outcome in WEBHOOK_OUTCOMES:  # a series from the start: rate() over a new series starts at 0
+            self._webhooks.labels(outcome)
+        self._wakeups = Counter(f"{PREFIX}_webhook_wakeups", "Verified webhooks that woke the customer's poller.",
+                                by_customer, registry=r)
+        self._wake_polls = Counter(f"{PREFIX}_webhook_polls",
+                                   "Polls requested by webhooks (the other wake-ups joined a poll already requested).",
+                                   by_customer, registry=r)
 
     def poll_done(self, customer_id: int, ok: bool, lag_s: float | None = None) -> None:
         """Count one finished poll cycle and, when given, record the poll lag."""
@@ -197,13 +216,24 @@ class Metrics(NoMetrics):
         """Export the shared Whiplash budget's use, read at each scrape."""
         self.registry.register(BudgetCollector(usage))
 
+    def webhook(self, outcome: str) -> None:
+        """Count one webhook request by its outcome (``WEBHOOK_OUTCOMES``)."""
+        self._webhooks.labels(outcome).inc()
+
+    def webhook_wakeup(self, customer_id: int, new_poll: bool) -> None:
+        """Count a webhook's wake-up of a customer, and whether it asked for a poll not already asked for."""
+        _add(self._wakeups, customer_id, 1)
+        if new_poll:
+            _add(self._wake_polls, customer_id, 1)
+
     def forget(self, customer_id: int) -> None:
         """Drop a removed customer's series so the scrape stops reporting it."""
         cid = str(customer_id)
         for outcome in ("ok", "error"):
             _remove(self._polls, cid, outcome)
         for metric in (self._sent, self._dead, self._retries, self._throttled, self._queued, self._dead_letters,
-                       self._lag, self._last_ok, self._key_refused, self._oldest_queued, self._achieved):
+                       self._lag, self._last_ok, self._key_refused, self._oldest_queued, self._achieved,
+                       self._wakeups, self._wake_polls):
             _remove(metric, cid)
         for upstream in self._upstreams:
             _remove(self._upstream_errors, upstream, cid)

@@ -79,6 +79,7 @@ from .store_rows import (
     queue_events,
     queue_profiles,
     read_counts,
+    read_customer_of_order,
     read_memory,
     read_names,
     read_totals,
@@ -359,6 +360,16 @@ class Store:
                 (customer_id, after_id, *codes, epoch(since), EVENT_BITS[unannounced], limit),
             )
         return [int(r[0]) for r in rows]
+
+    async def remembered_status(self, customer_id: int, order_id: int) -> int | None:
+        """Return the status the order memory holds for one order, if the bridge has seen it."""
+        memory = (await self.load_memory(customer_id, [order_id])).get(order_id)
+        return None if memory is None else memory.status
+
+    async def customer_of_order(self, order_id: int) -> int | None:
+        """Return the customer an order belongs to, if the bridge has seen the order (None otherwise)."""
+        async with self._read() as db:
+            return await read_customer_of_order(db, order_id)
 
     async def load_names(self, customer_id: int, emails: Iterable[str]) -> dict[str, ProfileName]:
         """Return the name last queued for each known email."""

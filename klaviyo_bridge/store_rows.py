@@ -534,6 +534,18 @@ async def read_memory(db: aiosqlite.Connection, customer_id: int, order_ids: Ite
     return found
 
 
+async def read_customer_of_order(db: aiosqlite.Connection, order_id: int) -> int | None:
+    """Return the customer whose order memory holds ``order_id`` (the lowest id, should two ever share it)."""
+    # The IN over customers turns the lookup into one primary-key probe per customer: orders has no index on
+    # order_id alone, and a full scan per webhook would grow with the history.
+    row = await fetch_one(
+        db,
+        "SELECT min(customer_id) FROM orders WHERE order_id = ? AND customer_id IN (SELECT customer_id FROM customers)",
+        (order_id,),
+    )
+    return None if row is None or row[0] is None else int(row[0])
+
+
 async def read_names(db: aiosqlite.Connection, customer_id: int, emails: Iterable[str]) -> dict[str, ProfileName]:
     """Return the name last queued for each known email."""
     found: dict[str, ProfileName] = {}

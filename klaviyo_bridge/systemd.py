@@ -1,4 +1,4 @@
-"""sd_notify(3) and sd_watchdog_enabled(3) with the standard library only.
+"""sd_notify(3), sd_watchdog_enabled(3) and sd_listen_fds(3) with the standard library only.
 
 Invariants:
 - Without ``NOTIFY_SOCKET`` (not started by systemd ``Type=notify``) every call is a no-op.
@@ -7,6 +7,9 @@ Invariants:
   WATCHDOG=1 is followed by the next one).
 - Only paths starting with ``/`` or ``@`` (abstract namespace) are accepted, as in systemd's own
   ``notify-selfcontained-example.py``.
+- Sockets passed by socket activation are adopted only when ``LISTEN_PID`` names this process (a child that
+  inherited the variables must not take its parent's sockets), and only listening stream sockets; the variables
+  are then removed from the environment, as ``sd_listen_fds(1)`` does, and the descriptors marked close-on-exec.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,44 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     if not usec.isdigit() or int(usec) == 0:
         return None
     return int(usec) / 1_000_000
+
+
+SD_LISTEN_FDS_START = 3  # the first descriptor systemd passes (sd_listen_fds(3))
+_LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def listen_sockets(
+    environ: MutableMapping[str, str] | None = None, *, first_fd: int = SD_LISTEN_FDS_START
+) -> list[socket.socket]:
+    """Return the listening stream sockets systemd passed to this process (socket activation), else [].
+
+    Reads ``LISTEN_PID``/``LISTEN_FDS`` from ``environ`` (default: the process environment) and removes them
+    there once the sockets are adopted. A passed descriptor that is not a listening stream socket is left alone.
+    ``first_fd`` is systemd's 3 (tests pass a descriptor of their own).
+    """
+    env = os.environ if environ is None else environ
+    pid, count = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+        return []
+    for name in _LISTEN_VARIABLES:
+        env.pop(name, None)
+    adopted = [_adopt(fd) for fd in range(first_fd, first_fd + int(count))]
+    return [sock for sock in adopted if sock is not None]
+
+
+def _adopt(fd: int) -> socket.socket | None:
+    """Wrap a passed descriptor as a socket if it is a listening stream socket; log and skip it otherwise."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        log.warning("passed descriptor ignored fd=%d error=%s", fd, exc)
+        return None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        log.warning("passed descriptor ignored fd=%d: not a listening stream socket", fd)
+        sock.detach()  # the descriptor stays open and untouched: it is not ours to close
+        return None
+    os.set_inheritable(fd, False)  # sd_listen_fds sets FD_CLOEXEC: a child we start must not inherit it
+    return sock
 
 
 def monotonic_usec() -> int:

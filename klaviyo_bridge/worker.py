@@ -88,6 +88,9 @@ class CustomerWorker:
         for upstream in ("whiplash", "klaviyo"):  # a series from the start: dashboards show 0, not "no data"
             self.metrics.set_error_streak(upstream, self.cid, 0.0)
         self.wake = asyncio.Event()
+        # Set by a webhook (``request_poll``), cleared when a poll cycle starts: any number of requests while idle
+        # or during a poll give one poll (after the running one), never a queue of them.
+        self.poll_requested = asyncio.Event()
         self.setup_done = False
         self.disabled_dropped = False
         self._logged_malformed: set[tuple[int | None, str]] = set()
@@ -194,11 +197,17 @@ class CustomerWorker:
             "the cursor waits before this order; ask Whiplash to fix it or re-save the order",
         )
 
-    async def poll_cycle(self) -> SyncStats:
-        """Poll once if launched and record the outcome; failures are logged, not raised."""
+    async def poll_cycle(self, *, scheduled: bool = True) -> SyncStats:
+        """Poll once if launched and record the outcome; failures are logged, not raised.
+
+        Only scheduled polls measure the interval achieved: a poll a webhook asked for early says nothing about
+        how long the budget makes a round.
+        """
         now = self.clock()
-        interval_s = None if self._last_poll_started is None else (now - self._last_poll_started).total_seconds()
-        self._last_poll_started = now
+        interval_s = None
+        if scheduled:
+            last, self._last_poll_started = self._last_poll_started, now
+            interval_s = None if last is None else (now - last).total_seconds()
         if not self.is_launched(now):
             await self._record_poll(True, None, interval_s)
             return SyncStats()
@@ -350,20 +359,30 @@ class CustomerWorker:
         """Run one burst: poll once and deliver everything deliverable now."""
         await self.run(asyncio.Event(), burst=True)
 
+    def request_poll(self) -> bool:
+        """Ask the poller to poll now (a webhook's wake-up); return False when a poll was already asked for."""
+        if self.poll_requested.is_set():
+            return False
+        self.poll_requested.set()
+        return True
+
     async def run_poller(self, stop: asyncio.Event) -> None:
-        """Poll on a drift-free schedule until ``stop`` is set."""
+        """Poll on a drift-free schedule, and whenever a poll is requested, until ``stop`` is set."""
         interval = self.settings.bridge.poll_interval_seconds
         self._stop = stop
         next_tick = time.monotonic() + poll_phase(self.cid, interval, time.time())
-        await sleep_unless(stop, next_tick - time.monotonic())
+        await wait_any(stop, self.poll_requested, next_tick - time.monotonic())  # a webhook need not wait
         while not stop.is_set():
-            stats = await guarded(self.poll_cycle(), f"poll customer={self.cid}")
+            self.poll_requested.clear()  # this poll reads what every request so far was about
+            scheduled = time.monotonic() >= next_tick
+            stats = await guarded(self.poll_cycle(scheduled=scheduled), f"poll customer={self.cid}")
             self.progress, self.last_cycle_at = time.monotonic(), self.clock()
             self.summarise(stats or SyncStats())
-            next_tick += interval
-            # A cycle longer than the interval starts the next one at once instead of bursting to catch up.
-            next_tick = max(next_tick, time.monotonic())
-            await sleep_unless(stop, next_tick - time.monotonic())
+            # A requested poll before the tick leaves the tick where it was; a cycle longer than the interval
+            # starts the next one at once instead of bursting to catch up.
+            if time.monotonic() >= next_tick:
+                next_tick = max(next_tick + interval, time.monotonic())
+            await wait_any(stop, self.poll_requested, next_tick - time.monotonic())
 
     async def run_sender(self, stop: asyncio.Event, *, burst: asyncio.Event | None = None) -> None:
         """Deliver whenever rows are queued or come due, until ``stop`` is set.

@@ -40,7 +40,23 @@ def test_check_config_accepts_the_example(creds: Path, tmp_path: Path, capsys: p
     assert main(["check-config", "--config", str(example_with_state_in(tmp_path))]) == EX_OK
     out = capsys.readouterr()
     assert "config ok: 2 customers (1 enabled)" in out.out
+    assert "webhooks: off, polling only every 60 s" in out.out
     assert SECRET not in out.out + out.err
+
+
+def test_check_config_shows_the_webhook_receiver(
+    creds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1. The example with its [webhooks] block uncommented and a 300 s backstop poll. Result: exit 0; one line
+    with listen, path, where the key comes from (never the key) and the backstop interval."""
+    path = example_with_state_in(tmp_path)
+    text = path.read_text().replace("# [webhooks]\n# listen", "[webhooks]\nlisten")
+    path.write_text(text.replace("poll_interval_seconds = 60.0", "poll_interval_seconds = 300.0"))
+    assert main(["check-config", "--config", str(path)]) == EX_OK
+    out = capsys.readouterr().out
+    assert ("webhooks: on listen=127.0.0.1:8787 (or the socket systemd passes) path=/whiplash/webhook "
+            "key=whiplash.client_secret max_body_bytes=1048576; backstop poll every 300 s") in out
+    assert SECRET not in out
 
 
 BAD = """
@@ -91,6 +107,20 @@ def test_bad_config_gives_one_line_per_problem_and_exit_78(
     ])
     assert "Traceback" not in err
     assert "pk_literal_value_in_file" not in err
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["run"]])
+def test_bad_webhook_settings_stop_run_with_78(
+    creds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """1. The example with [webhooks] listen = "8787", a path without "/" and an unresolvable secret.
+    Result: exit 78 before anything starts, one line per problem, naming each key and no secret."""
+    path = example_with_state_in(tmp_path)
+    bad = '\n[webhooks]\nlisten = "8787"\npath = "hook"\nsecret = "env:NO_SUCH_HOOK_KEY"\n'
+    path.write_text(path.read_text() + bad)
+    assert main([*command, "--config", str(path)]) == EX_CONFIG
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("config error: ")]
+    assert sorted(line.split(": ")[1] for line in lines) == ["webhooks.listen", "webhooks.path", "webhooks.secret"]
 
 
 def test_mistyped_state_folder_fails_check_config(creds: Path, tmp_path: Path,

@@ -1407,3 +1407,85 @@ def test_secret_values_lists_every_secret_in_use(tmp_path: Path) -> None:
     with_token = load(tmp_path, {"whiplash": {"refresh_token": "env:WL_REFRESH"}, "customers": both}, env)
     assert with_token.secret_values() == [WHIPLASH_SECRET, "refresh-secret-1", KLAVIYO_KEY, "env:KEY_99"]
     assert load(tmp_path).secret_values() == [WHIPLASH_SECRET, KLAVIYO_KEY]
+
+
+# --- [webhooks] -------------------------------------------------------------------------------------------
+
+
+def test_webhooks_are_off_by_default_and_checked_with_the_client_secret(tmp_path: Path) -> None:
+    """Result: no listen (polling only), the default path and body cap, and the Whiplash client secret as key."""
+    s = load(tmp_path).settings
+    w = s.webhooks
+    assert (w.listen, w.path, w.max_body_bytes, w.secret) == (None, "/whiplash/webhook", 1024 * 1024, None)
+    assert w.address() is None
+    assert s.webhook_secret().get_secret_value() == WHIPLASH_SECRET
+
+
+def test_webhooks_with_their_own_secret_reference(tmp_path: Path) -> None:
+    """1. listen on IPv6 loopback, an own path, cap and secret (an env: reference).
+    Result: the address parsed, the secret resolved, used for signatures and registered for masking."""
+    loaded = load(tmp_path, {"webhooks": {"listen": "[::1]:8787", "path": "/hooks/whiplash-1",
+                                          "max_body_bytes": 2048, "secret": "env:HOOK"}},
+                  {**ENV, "HOOK": "hook-secret-77"})
+    w = loaded.settings.webhooks
+    assert w.address() == ("::1", 8787)
+    assert (w.path, w.max_body_bytes) == ("/hooks/whiplash-1", 2048)
+    assert loaded.settings.webhook_secret().get_secret_value() == "hook-secret-77"
+    assert "hook-secret-77" in loaded.secret_values()
+    assert loaded.warnings == ()
+
+
+def test_a_webhook_secret_is_resolved_only_while_the_receiver_is_on(tmp_path: Path) -> None:
+    """Result: with listen unset an unresolvable [webhooks] secret is no problem (not in use); with listen set
+    it is one line, naming the key and never a value."""
+    off = load(tmp_path, {"webhooks": {"secret": "env:MISSING_HOOK"}})
+    assert off.settings.webhooks.secret is not None
+    assert problems(tmp_path, {"webhooks": {"listen": "127.0.0.1:8787", "secret": "env:MISSING_HOOK"}}) == [
+        "webhooks.secret: environment variable MISSING_HOOK is not set"]
+
+
+@pytest.mark.parametrize(
+    ("webhooks", "expected"),
+    [
+        ({"listen": "8787"}, f'webhooks.listen: {LISTEN_HINT} (got "8787")'),
+        ({"path": "whiplash/webhook"},
+         'webhooks.path: must be a URL path starting with "/", e.g. "/whiplash/webhook" (got "whiplash/webhook")'),
+        ({"path": "/hook?x=1"},
+         'webhooks.path: must be a URL path starting with "/", e.g. "/whiplash/webhook" (got "/hook?x=1")'),
+        ({"path": "/a b"},
+         'webhooks.path: must be a URL path starting with "/", e.g. "/whiplash/webhook" (got "/a b")'),
+        ({"max_body_bytes": 100}, "webhooks.max_body_bytes: must be >= 1024 (got 100)"),
+        ({"max_body_bytes": 2**40}, f"webhooks.max_body_bytes: must be <= {64 * 1024 * 1024} (got {2**40})"),
+        ({"max_body_bytes": "1MiB"}, "webhooks.max_body_bytes: must be an integer (got string)"),
+        ({"listen": "127.0.0.1:8787", "secret": ""}, "webhooks.secret: must not be empty"),
+        ({"enabled": True}, "webhooks.enabled: unknown key"),
+    ],
+)
+def test_webhook_problems_are_one_line_each(tmp_path: Path, webhooks: dict[str, Any], expected: str) -> None:
+    """Result: each bad [webhooks] value is one problem line with its key path (check-config and run exit 78)."""
+    assert problems(tmp_path, {"webhooks": webhooks}) == [expected]
+
+
+@pytest.mark.parametrize(("listen", "warned"), [("0.0.0.0:8787", True), ("10.1.2.3:8787", True),
+                                                ("127.0.0.2:8787", False), ("localhost:8787", False)])
+def test_a_receiver_off_loopback_is_warned_about(tmp_path: Path, listen: str, warned: bool) -> None:
+    """Result: a listen address other than loopback warns (plain HTTP belongs behind a TLS proxy)."""
+    warnings = load(tmp_path, {"webhooks": {"listen": listen}}).warnings
+    assert bool([w for w in warnings if w.startswith("webhooks.listen: ")]) == warned
+
+
+def test_the_commented_webhooks_example_shows_the_defaults(tmp_path: Path) -> None:
+    """1. Uncomment the example's [webhooks] block. Result: it loads; path, cap and key (the client secret's
+    credential) are the defaults the model applies, and listen is the socket unit's address."""
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index("# [webhooks]")
+    block = [line.removeprefix("# ") for line in lines[start:start + 5]]
+    text = EXAMPLE.read_text().replace("\n".join(lines[start:start + 5]), "\n".join(block))
+    path = tmp_path / "example.toml"
+    path.write_text(text)
+    directory = credentials_dir(tmp_path, {"whiplash-client-secret": "a", "klaviyo-1234": "b"})
+    s = load_config(path, {"CREDENTIALS_DIRECTORY": str(directory)}, today=TODAY).settings
+    defaults = load(tmp_path).settings.webhooks
+    assert s.webhooks.listen == "127.0.0.1:8787"
+    assert (s.webhooks.path, s.webhooks.max_body_bytes) == (defaults.path, defaults.max_body_bytes)
+    assert s.webhook_secret() == s.whiplash.client_secret

@@ -32,7 +32,7 @@ from klaviyo_bridge.metrics import Metrics
 SEVERITIES = {"critical", "warning"}
 CRITICAL = {"KlaviyoBridgeDown", "KlaviyoBridgePollStalled", "KlaviyoBridgeNoPollSinceStart",
             "KlaviyoBridgeKlaviyoKeyRefused"}
-PER_INSTANCE = {"KlaviyoBridgeDown"}  # about the daemon, not one customer
+PER_INSTANCE = {"KlaviyoBridgeDown", "KlaviyoBridgeWebhooksRefused"}  # about the daemon, not one customer
 
 
 def test_rules_pass_promtool_check() -> None:

@@ -99,6 +99,16 @@ def test_settings_only_a_restart_applies_keep_their_running_values() -> None:
     assert "rotated-secret" not in repr(pending)
 
 
+def test_webhook_settings_need_a_restart() -> None:
+    """1. Turn the receiver on and give it another path in a reload. Result: both keys are named as needing a
+    restart (the receiver holds its socket and key from the start) and the running values stay."""
+    old = settings()
+    new = settings(webhooks={"listen": "127.0.0.1:8787", "path": "/other"})
+    effective, pending = effective_settings(old, new)
+    assert pending == ["webhooks.listen", "webhooks.path"]
+    assert effective.webhooks == old.webhooks
+
+
 class Recording(CustomerWorker):
     """A worker whose poller records when it runs and takes a moment to finish its in-flight work."""
 

@@ -150,6 +150,7 @@ def test_forget_drops_the_health_series_of_that_customer_only() -> None:
         for upstream in ("whiplash", "klaviyo"):
             m.upstream_error(upstream, cid)
             m.set_error_streak(upstream, cid, 12.0)
+        m.webhook_wakeup(cid, True)
     m.forget(9)
     text = m.render()[0].decode()
     assert 'customer="9"' not in text
@@ -189,6 +190,8 @@ def test_metrics_are_off_unless_configured(tmp_path: Path) -> None:
     off.set_oldest_queued(1, 10.0)
     off.upstream_error("klaviyo", 1)
     off.set_error_streak("whiplash", 1, 10.0)
+    off.webhook("accepted")
+    off.webhook_wakeup(1, True)
     off.forget(1)
 
 
@@ -212,3 +215,22 @@ def test_the_shared_budget_is_read_at_scrape_time() -> None:
     metrics.set_poll_interval_achieved(7, 95.5)
     assert re.search(r'^klaviyo_bridge_poll_interval_achieved_seconds\{customer="7"\} 95\.5$', text + "\n" +
                      metrics.render()[0].decode(), re.MULTILINE)
+
+
+def test_webhook_outcomes_and_wake_ups_appear_in_the_scrape() -> None:
+    """1. Three accepted webhooks and one forged; customer 7 woken three times, two of them asking for a new poll
+    (the third joined a poll already asked for). Result: every outcome is exported from the start (0 until
+    seen), without a customer label; wake-ups and webhook polls per customer."""
+    m = Metrics()
+    for _ in range(3):
+        m.webhook("accepted")
+    m.webhook("bad_signature")
+    m.webhook_wakeup(7, True)
+    m.webhook_wakeup(7, False)
+    m.webhook_wakeup(7, True)
+    text = m.render()[0].decode()
+    assert sample(text, "klaviyo_bridge_webhooks_total", outcome="accepted") == 3
+    assert sample(text, "klaviyo_bridge_webhooks_total", outcome="bad_signature") == 1
+    assert sample(text, "klaviyo_bridge_webhooks_total", outcome="too_large") == 0
+    assert sample(text, "klaviyo_bridge_webhook_wakeups_total", customer="7") == 3
+    assert sample(text, "klaviyo_bridge_webhook_polls_total", customer="7") == 2

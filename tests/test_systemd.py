@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from klaviyo_bridge.systemd import Notifier, monotonic_usec, watchdog_interval
+from klaviyo_bridge.systemd import Notifier, listen_sockets, monotonic_usec, watchdog_interval
 
 
 @pytest.fixture
@@ -131,3 +135,104 @@ def test_vanished_listener_is_not_an_error(tmp_path: Path) -> None:
 def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
     """Result: WATCHDOG_USEC in seconds, only when it is meant for this process."""
     assert watchdog_interval(env) == expected
+
+
+# --------------------------------------------------------------------------------------- socket activation
+
+
+def activation_env(pid: int | None = None, fds: int = 1) -> dict[str, str]:
+    """Return what systemd sets for socket activation."""
+    return {"LISTEN_PID": str(os.getpid() if pid is None else pid), "LISTEN_FDS": str(fds),
+            "LISTEN_FDNAMES": "klaviyo-bridge.socket", "OTHER": "kept"}
+
+
+def test_a_passed_listening_socket_is_adopted_and_the_variables_removed() -> None:
+    """1. A listening TCP socket, its descriptor duplicated as systemd would pass it. 2. Adopt it.
+    Result: one socket on that descriptor, serving connections; LISTEN_* removed, other variables kept; the
+    descriptor is close-on-exec (a child must not inherit it)."""
+    with socket.create_server(("127.0.0.1", 0)) as original:
+        fd = os.dup(original.fileno())
+        env = activation_env()
+        [sock] = listen_sockets(env, first_fd=fd)
+        with sock:
+            assert sock.fileno() == fd
+            assert not os.get_inheritable(fd)
+            assert env == {"OTHER": "kept"}
+            with socket.create_connection(sock.getsockname(), timeout=2):
+                conn, _ = sock.accept()
+                conn.close()
+
+
+@pytest.mark.parametrize("env", [{}, activation_env(pid=1), {"LISTEN_PID": "x", "LISTEN_FDS": "1"}])
+def test_sockets_meant_for_another_process_are_left_alone(env: dict[str, str]) -> None:
+    """Result: without LISTEN_PID naming this process nothing is adopted and the environment is untouched."""
+    before = dict(env)
+    assert listen_sockets(env, first_fd=1_000_000) == []
+    assert env == before
+
+
+def test_a_passed_descriptor_that_is_no_listening_socket_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """1. Pass a UDP socket. Result: not adopted, one WARNING, and its descriptor still open (not ours)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        with caplog.at_level(logging.WARNING):
+            assert listen_sockets(activation_env(), first_fd=udp.fileno()) == []
+        assert udp.fileno() >= 0
+        os.fstat(udp.fileno())  # still open
+    assert any("not a listening stream socket" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------------- the shipped units
+
+REPO = Path(__file__).resolve().parents[1]
+SERVICE = REPO / "systemd" / "klaviyo-bridge.service"
+SOCKET = REPO / "systemd" / "klaviyo-bridge.socket"
+INSTALLED = "/opt/klaviyo-bridge/.venv/bin/klaviyo-bridge"
+
+
+def unit_lines(path: Path) -> list[str]:
+    """Return a unit's directive lines (no comments, no blanks)."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_socket_listens_on_loopback_and_the_service_stays_unprivileged() -> None:
+    """Result: the socket unit listens on 127.0.0.1:8787 (the README's [webhooks] listen) and carries no
+    PrivateNetwork= (on a socket unit it would hide the socket); the service binds nothing privileged and keeps
+    an empty capability set: it gets the socket from systemd or binds an unprivileged port itself."""
+    socket_lines = unit_lines(SOCKET)
+    assert "ListenStream=127.0.0.1:8787" in socket_lines
+    assert not [line for line in socket_lines if line.startswith("PrivateNetwork=")]
+    service = unit_lines(SERVICE)
+    assert "CapabilityBoundingSet=" in service
+    assert "AmbientCapabilities=" in service
+    assert not [line for line in service if line.startswith(("Sockets=", "PrivateNetwork=", "User=root"))]
+    assert '# listen = "127.0.0.1:8787"' in (REPO / "config.example.toml").read_text()
+
+
+@pytest.fixture
+def analyze() -> str:
+    """Return systemd-analyze, or skip: CI (.ci/run) installs systemd and runs the same checks after the tests."""
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        pytest.skip("systemd-analyze not installed (.ci/run installs it and checks the units)")
+    return found
+
+
+def test_both_units_verify_without_a_warning(analyze: str, tmp_path: Path) -> None:
+    """1. The service with ExecStart pointing at this checkout's console script (verify wants it to exist), the
+    socket beside it. Result: systemd-analyze verify prints nothing and exits 0."""
+    script = Path(sys.executable).parent / "klaviyo-bridge"
+    (tmp_path / SERVICE.name).write_text(SERVICE.read_text().replace(f"ExecStart={INSTALLED} ", f"ExecStart={script} "))
+    (tmp_path / SOCKET.name).write_text(SOCKET.read_text())
+    done = subprocess.run([analyze, "verify", str(tmp_path / SERVICE.name), str(tmp_path / SOCKET.name)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("unit", [SERVICE, SOCKET], ids=lambda path: path.suffix.lstrip("."))
+def test_each_unit_is_rated_2_0_or_better(analyze: str, unit: Path) -> None:
+    """Result: systemd-analyze security --offline rates the service and the socket unit at exposure <= 2.0."""
+    done = subprocess.run([analyze, "security", "--offline=yes", "--threshold=20", "--no-pager", str(unit)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", done.stdout)[1])  # type: ignore[index]
+    assert exposure <= 2.0

@@ -148,9 +148,12 @@ def toml_str(value: str) -> str:
 
 def config_text(
     urls: SandboxUrls, state_path: Path, customers: list[SandboxCustomer], *, poll_interval: float = 1.0,
-    key_probe: float = 5.0, grace: float = 5.0,
+    key_probe: float = 5.0, grace: float = 5.0, webhooks_listen: str | None = None,
 ) -> str:
-    """Return a bridge config for the sandbox; every secret is an ``env:`` reference (see ``bridge_env``)."""
+    """Return a bridge config for the sandbox; every secret is an ``env:`` reference (see ``bridge_env``).
+
+    With ``webhooks_listen`` the bridge's webhook receiver is on (its key: the simulator's client secret).
+    """
     head = f"""# klaviyo-bridge against the built-in simulators (written by klaviyo-bridge demo/sandbox).
 [bridge]
 state_path = {toml_str(str(state_path))}
@@ -171,6 +174,8 @@ default_profile_email = {toml_str(SAMPLE_EMAIL)}
 key_probe_seconds = {key_probe}
 timeout_seconds = 10.0
 """
+    if webhooks_listen is not None:
+        head += f"\n[webhooks]\nlisten = {toml_str(webhooks_listen)}\n"
     return head + "".join(_customer_block(c) for c in customers)
 
 

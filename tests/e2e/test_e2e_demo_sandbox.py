@@ -29,7 +29,8 @@ def child_env(**extra: str) -> dict[str, str]:
 async def test_demo_runs_the_daemon_and_summarises_without_the_spec(tmp_path: Path) -> None:
     """1. Run `klaviyo-bridge demo --seconds 2` with the OpenAPI spec made unavailable.
     Result: exit 0; the bridge's own log is shown; the summary covers every customer, backfill vs live,
-    the refused key and its queued rows, and a clean SIGTERM; its temporary directory is gone."""
+    the refused key and its queued rows, the webhooks (one forged and refused, one lost) and their latency,
+    and a clean SIGTERM; its temporary directory is gone."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "klaviyo_bridge", "demo", "--seconds", "2",
         env=child_env(KLAVIYO_OPENAPI_SPEC=str(tmp_path / "absent.json"), TMPDIR=str(tmp_path)), cwd=str(tmp_path),
@@ -56,6 +57,11 @@ async def test_demo_runs_the_daemon_and_summarises_without_the_spec(tmp_path: Pa
     assert re.search(refused, summary)
     assert "SIGTERM -> exit code 0" in summary
     assert "0 invalid bodies, 0 duplicate events" in summary
+    # Webhooks on: one forged (refused in the bridge's log, once), one lost, the rest answered 202 and timed.
+    assert re.search(r"webhooks: [1-9]\d* delivered 202, 1 dropped, 1 refused 401", summary)
+    assert re.search(r"latency: +webhook arrival -> event recorded in Klaviyo: p50 [\d.]+ s, p95 [\d.]+ s", summary)
+    assert len(re.findall(r"bridge \| .*webhook rejected reason=bad_signature status=401", out)) == 1
+    assert re.search(r"bridge \| .*webhooks listening on http://127\.0\.0\.1:\d+ path=/whiplash/webhook", out)
     assert not [key for key in DEMO_KEYS if key in out + err]  # the bridge's log masks keys
     assert leftovers(tmp_path) == []
 

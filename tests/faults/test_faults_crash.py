@@ -19,7 +19,20 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from kit.faultkit import Bridge, Facts, Ledger, Shop, Sims, assert_delivered_once, facts, serve, shops
+from kit.bridgekit import eventually
+from kit.faultkit import (
+    Bridge,
+    Facts,
+    Ledger,
+    Shop,
+    Sims,
+    assert_delivered_once,
+    caught_up,
+    facts,
+    serve,
+    shops,
+)
+from kit.hookkit import free_port, hook_sections, last_polls, receiver_url, wake_all
 
 from klaviyo_bridge.sandbox.whiplash import OrderScript
 
@@ -184,3 +197,75 @@ async def test_sliced_walk_killed_mid_read(tmp_path: Path, spec: str) -> None:
         assert recovered.code == 0, recovered.log
         assert_delivered_once(sims, bridge, ledger)
         assert committed_prefix_holds(bridge.state_path, sims, SHOP) == (total, total)
+
+
+# ------------------------------------------------------------------------ with the webhook receiver on
+
+# Where each point is first reached after the armed daemon's first poll: that poll (nothing new, one page)
+# passes each page point once and sends nothing, so the next hit is in the poll the orders' webhooks wake, or
+# its sends.
+WEBHOOK_KILLS = [("after_fetch", 2), ("during_cursor_update", 2), ("after_outbox_commit", 2), ("mid_batch", 1),
+                 ("after_send_before_mark", 1)]
+
+
+@pytest.mark.parametrize(("point", "nth"), WEBHOOK_KILLS, ids=[point for point, _ in WEBHOOK_KILLS])
+async def test_kill_in_a_poll_a_webhook_woke(tmp_path: Path, point: str, nth: int) -> None:
+    """1. The daemon (backstop poll 120 s, receiver on, Whiplash subscribed) syncs the history and stops.
+    2. Restarted with ``point`` armed, it polls once (nothing new), then is woken by the webhooks of moving orders
+    and SIGKILLs itself in that poll (or its sends). 3. Restarted clean, more orders move, by webhook only.
+    Result: the webhooks were answered 202 before the kill; every expected event is recorded once, re-sends stay
+    within the rows unmarked at the kill, no dead letter, a sound DB and a working token chain."""
+    port = free_port()
+    async with serve([SHOP]) as sims:
+        ledger = seed(sims, SHOP)
+        script = OrderScript(sims.whiplash, SHOP.cid, seed=SHOP.cid + 1)
+        bridge = Bridge(tmp_path, sims, [SHOP], hook_sections(port, whiplash={"page_size": "250"})).write()
+        async with bridge.running() as proc:
+            await proc.wait_for_line("webhooks listening", 20)
+            await wake_all(port)
+            await synced(bridge, sims)
+            assert await proc.stop() == 0
+        sims.whiplash.subscribe(receiver_url(port), customer_id=SHOP.cid)
+        polled = last_polls(bridge.state_path, [SHOP.cid])
+        async with bridge.running(failpoints=f"{point}=kill@{nth}") as proc:
+            await proc.wait_for_line("webhooks listening", 20)
+            await first_poll(bridge, port, polled)
+            script.spawn(2)
+            script.tick(share=1.0)
+            ledger.observe_all()
+            code = await proc.exited_within(20)
+        assert code == -signal.SIGKILL, f"{point} did not fire; log:\n{proc.log}"
+        assert "delivered" in {d.outcome for d in sims.whiplash.webhook_deliveries}
+        at_kill = facts(bridge.state_path)
+        before = sims.duplicates()
+        async with bridge.running() as proc:
+            await proc.wait_for_line("webhooks listening", 20)
+            await wake_all(port)
+            await synced(bridge, sims)
+            script.tick(share=1.0)
+            ledger.observe_all()
+            await synced(bridge, sims)
+            assert await proc.stop() == 0
+        assert_delivered_once(sims, bridge, ledger)
+        assert sims.duplicates() - before <= sum(at_kill.pending_events.values())
+        assert facts(bridge.state_path).refresh_token == sims.whiplash.current_refresh_token
+
+
+async def synced(bridge: Bridge, sims: Sims) -> None:
+    """Wait until the bridge remembers every current status and has sent everything."""
+    await eventually(lambda: caught_up(bridge.state_path, sims.whiplash, [SHOP.cid])
+                     and facts(bridge.state_path).pending_rows == 0, limit_s=30, what="the bridge to catch up")
+
+
+
+async def first_poll(bridge: Bridge, port: int, before: dict[int, str | None]) -> None:
+    """Wait for the daemon's first poll (nothing new: one page, nothing to send): the start-up poll, or, when the
+    first scheduled poll waits for a later slot of the interval, one a webhook wakes now."""
+    def polled() -> bool:
+        return last_polls(bridge.state_path, [SHOP.cid]) != before
+
+    try:
+        await eventually(polled, limit_s=3, what="the start-up poll")
+    except AssertionError:
+        await wake_all(port)
+        await eventually(polled, limit_s=10, what="the first poll")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from kit.faultkit import CLIENT_ID, CLIENT_SECRET, SEED_TOKEN, Bridge, Sims, caught_up, in_process, serve, shops
+from kit.hookkit import free_port, hook_sections, receiver_url
 
 from klaviyo_bridge.sandbox.klaviyo import EventMatch, ProfileMatch
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, OrderScript
@@ -51,16 +52,21 @@ def leaks(log: str, values: set[str]) -> list[str]:
 
 async def test_debug_level_output_holds_no_token_or_secret(tmp_path: Path) -> None:
     """1. Refresh-token grant, 3-second access tokens, log_level = "debug", two customers backfilling while
-    orders keep moving; the daemon runs until Whiplash has issued tokens several times over. 2. SIGTERM.
-    Result: not one issued access or refresh token, the seed, the client secret or a Klaviyo key appears
-    anywhere in the output; debug lines are the bridge's own (none from aiosqlite or other libraries)."""
+    orders keep moving, the webhook receiver on and Whiplash posting signed webhooks (one in five forged); the
+    daemon runs until Whiplash has issued tokens several times over. 2. SIGTERM.
+    Result: not one issued access or refresh token, the seed, the client secret, a Klaviyo key or a webhook
+    signature appears anywhere in the output; webhooks are logged by customer and order only; debug lines are
+    the bridge's own (none from aiosqlite or other libraries)."""
     fake = FakeWhiplash(CLIENT_ID, CLIENT_SECRET, refresh_token=SEED_TOKEN, refresh_revoked_on_use=True,
                         token_ttl=TOKEN_TTL_S)
+    port = free_port()
     async with serve([A, B], whiplash=fake) as sims:
         scripts = [OrderScript(fake, shop.cid, seed=shop.cid) for shop in (A, B)]
         for script in scripts:
             script.backfill(20, days=5)
-        bridge = Bridge(tmp_path, sims, [A, B], {"bridge": {"log_level": '"debug"'}}).write()
+        fake.subscribe(receiver_url(port))
+        sections = hook_sections(port, poll_s=1.0, bridge={"log_level": '"debug"'})
+        bridge = Bridge(tmp_path, sims, [A, B], sections).write()
         async with bridge.running() as proc:
             loop = asyncio.get_running_loop()
             deadline, expired = loop.time() + 40, loop.time() + 2 * TOKEN_TTL_S  # tokens expire under it, too
@@ -69,13 +75,19 @@ async def test_debug_level_output_holds_no_token_or_secret(tmp_path: Path) -> No
                 assert loop.time() < deadline, proc.log
                 for script in scripts:
                     script.spawn(1)
+                fake.webhooks.forge_next(1)
                 await asyncio.sleep(0.5)
             assert await proc.stop() == 0
         output = proc.log
     issued = fake.issued_tokens()
     assert len(issued) >= 12  # several rotations of both the access and the refresh token
-    secrets = {*issued, SEED_TOKEN, CLIENT_SECRET, A.key, B.key}
+    signatures = {d.signature for d in fake.webhook_deliveries if d.signature}
+    assert len(signatures) >= 10
+    secrets = {*issued, *signatures, SEED_TOKEN, CLIENT_SECRET, A.key, B.key}
     assert [s for s in secrets if s in output] == []
+    assert re.search(r"webhook accepted customer=\d+ order=\d+", output)
+    assert "webhook rejected reason=bad_signature" in output
+    assert leaks(output, personal_values(sims)) == []
     debug = [line for line in output.splitlines() if " DEBUG " in line]
     assert debug, "log_level = debug must show the bridge's own debug lines"
     assert all(" klaviyo_bridge." in line for line in debug), [d for d in debug if " klaviyo_bridge." not in d][:3]

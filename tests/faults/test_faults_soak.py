@@ -5,7 +5,11 @@ Orders change only once the state DB shows the bridge caught up with every curre
 Whiplash shows is one the bridge observes; the expected events are those states replayed through the mapping
 core. After each kill, re-sends are bounded by the event rows that were still unmarked at that kill.
 
-``SOAK_KILLS`` (default 20) and ``SOAK_SEED`` change the size and the run; ``make soak`` runs 200 kills.
+It runs twice: polling every second, and with the webhook receiver on (the backstop poll at 30 s, so the polls
+between restarts are the ones Whiplash's webhooks wake; webhooks sent while the daemon is dead are lost, as
+they would be without the socket unit, and the next poll covers them).
+
+``SOAK_KILLS`` (default 20) and ``SOAK_SEED`` change the size and the run; ``make soak`` runs 200 kills each.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import pytest
 from kit.bridgekit import eventually
 from kit.faultkit import Bridge, Ledger, Proc, Sims, assert_delivered_once, caught_up, facts, serve, shops
+from kit.hookkit import free_port, hook_sections, receiver_url
 
 from klaviyo_bridge import failpoints
 from klaviyo_bridge.sandbox.whiplash import OrderScript
@@ -96,9 +101,11 @@ class Soak:
 
 
 @pytest.mark.timeout(max(180, KILLS * 8))
-async def test_random_kills_never_lose_nor_double_an_event(tmp_path: Path) -> None:
-    """1. Backfill three customers. 2. SIGKILL the daemon ≥ SOAK_KILLS times at random points while orders
-    change. 3. Expire tokens, run it until quiet, stop it with SIGTERM.
+@pytest.mark.parametrize("webhooks", [False, True], ids=["polling", "webhooks"])
+async def test_random_kills_never_lose_nor_double_an_event(tmp_path: Path, webhooks: bool) -> None:
+    """1. Backfill three customers (with webhooks: Whiplash subscribes the receiver to every order event).
+    2. SIGKILL the daemon ≥ SOAK_KILLS times at random points while orders change. 3. Expire tokens, run it
+    until quiet, stop it with SIGTERM.
     Result: Klaviyo holds exactly the expected events, one profile per email, nothing queued or dead; the DB
     passes integrity_check; the daemon still authenticates with the newest refresh token."""
     rng = random.Random(SEED)
@@ -108,14 +115,21 @@ async def test_random_kills_never_lose_nor_double_an_event(tmp_path: Path) -> No
             script.backfill(40, days=10)
         ledger = Ledger(sims.whiplash)
         ledger.observe_all()
-        bridge = Bridge(tmp_path, sims, MERCHANTS).write()
+        sections: dict[str, dict[str, str]] = {}
+        if webhooks:
+            port = free_port()
+            sections = hook_sections(port, poll_s=30.0)
+            sims.whiplash.subscribe(receiver_url(port))
+        bridge = Bridge(tmp_path, sims, MERCHANTS, sections).write()
         soak = Soak(rng, sims, bridge, ledger, scripts)
         while soak.kills < KILLS:
             await soak.round()
         await quiesce(soak)
         assert_delivered_once(sims, bridge, ledger)
         assert facts(bridge.state_path).refresh_token == sims.whiplash.current_refresh_token
-    print(f"soak seed={SEED} kills={soak.kills} order_changes={soak.changes} by={soak.by_failpoint} "
+    hooks = sims.whiplash.webhooks.counts
+    print(f"soak webhooks={webhooks} seed={SEED} kills={soak.kills} order_changes={soak.changes} "
+          f"by={soak.by_failpoint} webhooks_delivered={hooks['delivered']} webhooks_lost={hooks['errors']} "
           f"resends={sum(soak.resends)} max_resends_per_kill={max(soak.resends)} "
           f"events={sum(len(sims.account(shop).events) for shop in MERCHANTS)}")
 
