@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 SENT_WINDOW = timedelta(minutes=1)
 BUDGET_SNAPSHOT_S = 10.0  # how often the Whiplash budget's use is saved for `status` (another process)
+# How often the outbox is checked for rows no worker was told of (a replay or a resync by another process): idle
+# senders sleep until woken, and this one query for every customer wakes them.
+OUTBOX_WATCH_S = 60.0
 # Sent rows older than this keep their unique_id key (the never-twice guard) but lose their payload.
 RETENTION = timedelta(days=30)
 RETENTION_EVERY = timedelta(days=1)
@@ -406,7 +409,8 @@ class Daemon:
             self._webhooks = None
 
     def _start_background(self) -> None:
-        """Start the watchdog (when systemd asked for one) and the per-cycle STATUS= line."""
+        """Start the watchdog (when systemd asked for one), the per-cycle STATUS= line, retention, the budget
+        snapshot and the outbox watch."""
         interval = watchdog_interval()
         if interval is not None and self.notifier.enabled:
             dog = Watchdog(self.notifier, self.pool, lambda: stall_window(self.settings))
@@ -415,6 +419,7 @@ class Daemon:
             self._background.append(asyncio.create_task(self._report_status(), name="status"))
         self._background.append(asyncio.create_task(self._retain(), name="retention"))
         self._background.append(asyncio.create_task(self._save_budget(), name="budget"))
+        self._background.append(asyncio.create_task(self._watch_outbox(), name="outbox-watch"))
 
     async def _save_budget(self) -> None:
         """Save the Whiplash budget's use every BUDGET_SNAPSHOT_S for `status` (one small write, shared by all)."""
@@ -424,6 +429,16 @@ class Daemon:
             snapshot = {"at": self.clock().isoformat(), **self._whiplash.budget.usage().as_json()}
             await guarded(self._store.save_budget(snapshot), "budget snapshot")
             await sleep_unless(self.stop, BUDGET_SNAPSHOT_S)
+
+    async def _watch_outbox(self) -> None:
+        """Every OUTBOX_WATCH_S, wake the sender of each customer with rows due (one query for all customers)."""
+        assert self._store is not None, "startup() first"
+        while not self.stop.is_set():
+            await sleep_unless(self.stop, OUTBOX_WATCH_S)
+            due = await guarded(self._store.customers_due(self.clock()), "outbox watch")
+            for worker in self.pool.workers():
+                if due and worker.cid in due:
+                    worker.wake.set()
 
     async def _retain(self) -> None:
         """Once a day, shrink rows sent more than RETENTION ago (keys stay, so nothing is ever re-sent)."""

@@ -505,6 +505,16 @@ class Store:
             )
         return None if row is None else opt_dt(row[0])
 
+    async def customers_due(self, now: datetime) -> set[int]:
+        """Return every customer with a pending row due by ``now``: one query for all of them (the daemon's watch)."""
+        async with self._read() as db:
+            rows = await fetch_all(
+                db,
+                f"SELECT DISTINCT customer_id FROM outbox WHERE {PENDING} AND next_attempt_at <= ?",
+                (iso(now),),
+            )
+        return {int(row[0]) for row in rows}
+
     async def mark_sent(self, row: OutboxRow, now: datetime, profile_id: str | None = None) -> bool:
         """Mark a row sent after Klaviyo's 2xx; return False if it was replaced (it then stays pending)."""
         async with self._write() as db:

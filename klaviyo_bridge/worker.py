@@ -406,11 +406,13 @@ class CustomerWorker:
             else:
                 await wait_any(stop, self.wake, await self._until_next_due())
 
-    async def _until_next_due(self) -> float:
-        """Return seconds until the earliest rescheduled row is due (at most a minute, to stay responsive)."""
+    async def _until_next_due(self) -> float | None:
+        """Return seconds until the earliest rescheduled row is due (at most a minute), or None when nothing is
+        pending: then only a wake brings more (the poller's pages, or the daemon's outbox watch for rows another
+        process queued), so a thousand idle senders cost nothing between polls."""
         nxt = await self.store.next_due_at(self.cid)
         if nxt is None:
-            return 60.0
+            return None
         return min(60.0, max(0.05, (nxt - self.clock()).total_seconds()))
 
 

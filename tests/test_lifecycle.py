@@ -10,16 +10,19 @@ import asyncio
 import logging
 import signal
 import socket
+import sqlite3
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from kit.bridgekit import eventually
 
 from klaviyo_bridge import daemon as daemon_module
 from klaviyo_bridge import whiplash as whiplash_module
@@ -233,6 +236,7 @@ class Live:
     task: asyncio.Task[int]
     whiplash: FakeWhiplash
     sock: socket.socket
+    state: Path
 
 
 CONFIG = """
@@ -262,6 +266,7 @@ async def live(
 ) -> AsyncIterator[Live]:
     """Run the daemon with a 0.2 s watchdog and a stall window of 2 × 1 s + 3 × 0.1 s (no retry budget)."""
     monkeypatch.setattr(whiplash_module, "RETRY_BUDGET_S", 0.0)
+    monkeypatch.setattr(daemon_module, "OUTBOX_WATCH_S", 0.3)
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     whiplash = FakeWhiplash(WL_ID, WL_SECRET)
     whiplash.create_order(CID, status=300, at=datetime.now(UTC) - timedelta(minutes=5))
@@ -275,7 +280,7 @@ async def live(
         d = Daemon(load_config(path), config_path=path)
         task = asyncio.create_task(d.run())
         try:
-            yield Live(d, task, whiplash, notify_socket)
+            yield Live(d, task, whiplash, notify_socket, tmp_path / "state.db")
         finally:
             d.handle_exit(signal.SIGTERM)
             assert await asyncio.wait_for(task, 5) == 0
@@ -302,6 +307,37 @@ async def test_a_hung_poll_stops_the_watchdog_pings(live: Live, caplog: pytest.L
         await asyncio.sleep(2.5)
         assert await pings_during(live.sock, 0.6) == 0
     assert any(f"poll stalled customer={CID}" in r.getMessage() for r in caplog.records)
+
+
+async def test_rows_another_process_made_pending_are_sent_by_the_outbox_watch(live: Live) -> None:
+    """1. The daemon has sent everything; its sender sleeps until woken (nothing pending, nothing rescheduled).
+    2. Another process makes the sent event pending again, as ``dead-letters replay`` does (no signal to the
+    daemon). Result: the outbox watch (every 0.3 s here, 60 s by default) wakes the sender and the row is sent."""
+    state = live.state.resolve().as_uri()
+    (order_id,) = live.whiplash.orders
+    order_event = f"{order_id}:shipped"  # status 300
+
+    def pending() -> int:
+        with closing(sqlite3.connect(f"{state}?mode=ro", uri=True)) as db:
+            return int(db.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL")
+                       .fetchone()[0])
+
+    def order_event_sent() -> bool:
+        try:
+            with closing(sqlite3.connect(f"{state}?mode=ro", uri=True)) as db:
+                return db.execute("SELECT 1 FROM outbox WHERE kind = 'event' AND key = ? AND sent_at IS NOT NULL",
+                                  (order_event,)).fetchone() is not None
+        except sqlite3.OperationalError:  # the daemon is still creating the database
+            return False
+
+    await eventually(order_event_sent, limit_s=10, what="the order's event to be sent")
+    await eventually(lambda: pending() == 0, limit_s=10, what="the outbox to drain")
+    await asyncio.sleep(0.5)  # the sender's last cycle ends; it now sleeps until woken
+    with closing(sqlite3.connect(live.state)) as db, db:
+        db.execute("UPDATE outbox SET sent_at = NULL, next_attempt_at = ? WHERE kind = 'event' AND key = ?",
+                   (datetime.now(UTC).isoformat(), order_event))
+    assert pending() == 1
+    await eventually(lambda: pending() == 0, limit_s=3, what="the outbox watch to send the replayed row")
 
 
 async def test_a_whiplash_outage_is_not_a_hang(live: Live, caplog: pytest.LogCaptureFixture) -> None:
