@@ -56,6 +56,12 @@ class Lane(IntEnum):
     BACKGROUND = 2
 
 
+
+def round_seconds(customers: int, per_second: float, interval: float) -> float:
+    """Return how long one round of polls takes: the interval, or longer when the budget cannot poll every
+    customer once per interval (then rounds lengthen evenly, to customers ÷ budget)."""
+    return max(interval, customers / per_second)
+
 @dataclass(frozen=True, slots=True)
 class BudgetUsage:
     """What the budget is doing now, for ``status``, the metrics and systemd's STATUS= line."""

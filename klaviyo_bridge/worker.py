@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 
 from . import core
 from .aio import guarded, sleep_unless, wait_any
-from .budget import Lane
+from .budget import Lane, round_seconds
 from .clock import WallClock, utcnow
 from .config import CustomerSettings, Settings
 from .core import midnight_utc
@@ -101,6 +101,8 @@ class CustomerWorker:
         self.reading = False  # a poll is reading: history rows wait for full bulk requests until it ends
         self._reconciled_at: datetime | None = None  # when the last reconcile sweep ran (read from the store once)
         self._last_poll_started: datetime | None = None
+        self._round_s = round_seconds(len(settings.enabled_customers()), settings.whiplash.max_requests_per_second,
+                                      settings.bridge.poll_interval_seconds)
 
     def is_launched(self, now: datetime) -> bool:
         """Tell whether the customer's launch date has come (polling starts then)."""
@@ -165,11 +167,13 @@ class CustomerWorker:
 
     def _lane(self, last_ok: datetime | None) -> Lane:
         """Return the lane of this poll: background for the first walk (the backfill) and a catch-up after an outage
-        or a stopped daemon (no successful poll for CATCH_UP_INTERVALS), live otherwise.
+        or a stopped daemon (no successful poll for CATCH_UP_INTERVALS rounds), live otherwise.
 
         Decided by when the customer was last read, not by its cursor: a quiet merchant's old cursor is no backlog.
         """
-        interval = timedelta(seconds=self.settings.bridge.poll_interval_seconds)
+        # A round, not the interval: when the budget cannot poll everyone each interval, every poll is late, and
+        # counting lateness from the interval would push the unlucky into the background lane, where they starve.
+        interval = timedelta(seconds=self._round_s)
         # A poll before launch read nothing: the first one after it walks the whole backfill window.
         read_since_launch = last_ok is not None and last_ok >= midnight_utc(self.customer.launch_date)
         recent = last_ok is not None and self.clock() - last_ok <= CATCH_UP_INTERVALS * interval

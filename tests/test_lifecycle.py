@@ -26,6 +26,7 @@ from kit.bridgekit import eventually
 
 from klaviyo_bridge import daemon as daemon_module
 from klaviyo_bridge import whiplash as whiplash_module
+from klaviyo_bridge.budget import Lane
 from klaviyo_bridge.config import Settings, load_config
 from klaviyo_bridge.daemon import CustomerWorker, Daemon, Watchdog, WorkerPool, effective_settings, plan_reload
 from klaviyo_bridge.sandbox.klaviyo import FakeKlaviyo, serve_klaviyo
@@ -351,6 +352,38 @@ async def test_a_whiplash_outage_is_not_a_hang(live: Live, caplog: pytest.LogCap
     assert [r.getMessage().split(" status=")[0] for r in caplog.records if "errors started" in r.getMessage()] == [
         f"whiplash errors started customer={CID}"]
     assert not any("poll stalled" in r.getMessage() for r in caplog.records)
+
+
+def fleet_worker(customers: int, now: datetime) -> CustomerWorker:
+    """Return the first worker of ``customers`` customers (launched a week before ``now``), 60 s interval, 10/s."""
+    launch = (now - timedelta(days=7)).date()
+    settings = Settings.model_validate({
+        "bridge": {"state_path": "/tmp/unused.db", "poll_interval_seconds": 60},
+        "whiplash": {"client_id": "c", "client_secret": "whiplash-secret", "max_requests_per_second": 10},
+        "klaviyo": {"default_profile_email": "ops@example.com"},
+        "customers": [{"whiplash_customer_id": 1000 + i, "name": f"Shop {i}", "klaviyo_api_key": f"pk_shop_{i:06d}",
+                       "launch_date": launch} for i in range(customers)],
+    })
+    none = cast(Any, None)
+    return CustomerWorker(settings, settings.customers[0], none, none, none, clock=lambda: now)
+
+
+@pytest.mark.parametrize(("customers", "ago_s", "lane"), [
+    (10, None, Lane.BACKGROUND),  # never read: the first walk is the backfill
+    (10, 8 * 86400, Lane.BACKGROUND),  # last read before launch: the first walk since launch
+    (10, 170, Lane.LIVE),
+    (10, 181, Lane.BACKGROUND),  # three intervals without a poll: a catch-up
+    (1000, 181, Lane.LIVE),  # the budget makes a round 100 s: late by the round, not by the interval
+    (1000, 299, Lane.LIVE),
+    (1000, 301, Lane.BACKGROUND),  # three rounds without a poll: a catch-up
+])
+def test_the_lane_counts_lateness_in_rounds_of_the_budget(customers: int, ago_s: float | None, lane: Lane) -> None:
+    """Result: a poll is background for a first walk or a catch-up (no poll for three rounds, a round being the
+    interval or customers ÷ budget when longer); otherwise live. Counting in intervals would send every customer the
+    budget delays past three intervals to the background lane, where live polls go first: it would starve."""
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    last_ok = None if ago_s is None else now - timedelta(seconds=ago_s)
+    assert fleet_worker(customers, now)._lane(last_ok) is lane
 
 
 def test_poll_phases_spread_a_thousand_customers_over_the_interval() -> None:
