@@ -123,6 +123,24 @@ def test_bad_webhook_settings_stop_run_with_78(
     assert sorted(line.split(": ")[1] for line in lines) == ["webhooks.listen", "webhooks.path", "webhooks.secret"]
 
 
+@pytest.mark.parametrize("command", [["check-config"], ["run"]])
+def test_a_bad_choice_of_events_stops_run_with_78(
+    creds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """1. The example whose first merchant lists "delivred" among its events and gives an empty metric name.
+    Result: exit 78 before anything starts, one line per problem, each naming its key."""
+    path = example_with_state_in(tmp_path)
+    text = path.read_text()
+    chosen = 'events = ["processing", "cancelled", "shipped", "delivered"]'
+    assert chosen in text
+    path.write_text(text.replace(chosen, 'events = ["delivred", "shipped"]\n'
+                                         '[customers.metrics]\nshipped = ""', 1))
+    assert main([*command, "--config", str(path)]) == EX_CONFIG
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("config error: ")]
+    assert sorted(line.split(": ")[1] for line in lines) == [
+        "customers[0].events[0]", "customers[0].metrics.shipped"], lines
+
+
 def test_mistyped_state_folder_fails_check_config(creds: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """1. The example with state_path in a folder that does not exist. 2. check-config.

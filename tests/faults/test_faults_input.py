@@ -24,6 +24,7 @@ from kit.faultkit import REPO, Bridge, Ledger, assert_delivered_once, in_process
 
 from klaviyo_bridge import cli
 from klaviyo_bridge.core import MAX_NAME_CHARS
+from klaviyo_bridge.status import status_rows
 
 EXAMPLE = (REPO / "config.example.toml").read_text()
 # The example's secrets are credential: references; literals make a loadable base (check-config warns about them).
@@ -189,8 +190,8 @@ async def test_invalid_emails_never_reach_klaviyo(tmp_path: Path, caplog: pytest
     """1. Five orders whose email is not an address by syntax (no DNS is asked), beside three good ones; a
     hundred more so history goes in bulk. 2. Drain.
     Result: those orders get no profile and no event and cost Klaviyo no request (no 400, no bisection); one
-    WARNING names them by order id, never by email; status counts them. 3. One is corrected in Whiplash.
-    Result: its next change is sent and it leaves the count."""
+    WARNING names them by order id, never by email; the cycle line and status count them. 3. One is corrected in
+    Whiplash. Result: its next change is sent and it leaves the count."""
     caplog.set_level(logging.INFO, logger="klaviyo_bridge")
     async with serve([A]) as sims:
         w = sims.whiplash
@@ -207,6 +208,9 @@ async def test_invalid_emails_never_reach_klaviyo(tmp_path: Path, caplog: pytest
         async with in_process(bridge) as run:
             await run.drain()
             assert (await run.store.counts(A.cid, run.clock.utc())).invalid_email == len(bad)
+            assert [row.invalid_email for row in await status_rows(run.settings, run.clock.utc())] == [len(bad)]
+            assert any(m.startswith(f"cycle customer={A.cid} ") and f" invalid_email={len(bad)} " in m
+                       for m in caplog.messages), caplog.messages
             account = sims.account(A)
             assert not any(e.unique_id.split(":")[0] in {str(b) for b in bad} for e in account.events if e.unique_id)
             assert {f"{g}:shipped" for g in good} <= {e.unique_id for e in account.events}

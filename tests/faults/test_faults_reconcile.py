@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -57,6 +58,28 @@ async def test_sweep_sends_delivered_that_did_not_bump_updated_at(tmp_path: Path
         assert id_in_searches(sims.whiplash.counters.log) == [[recent]]
         assert {e.unique_id for e in sims.account(A).events} >= {f"{other}:processing", f"{older}:shipped"}
         assert facts(bridge.state_path).statuses[A.cid][older] == 300  # never re-read: past reconcile_days
+
+
+async def test_no_sweep_for_a_merchant_without_delivered(tmp_path: Path) -> None:
+    """1. A merchant that gets "processing" and "shipped" only; an order shipped an hour ago, announced. 2. Whiplash
+    marks it delivered without touching updated_at. 3. The sweep comes due; cycle.
+    Result: no id_in re-read at all (the sweep looks only for "delivered", which this merchant does not get: it would
+    spend the shared Whiplash budget on nothing) and no "Order delivered" event."""
+    shop = replace(A, events=("processing", "shipped"))
+    async with serve([shop]) as sims:
+        shipped = int(sims.whiplash.create_order(shop.cid, status=300, at=datetime.now(UTC) - timedelta(hours=1))["id"])
+        sections = {"whiplash": {"reconcile_interval_minutes": "5.0", "reconcile_days": "1"}}
+        bridge = Bridge(tmp_path, sims, [shop], sections).write()
+        async with in_process(bridge) as run:
+            await run.drain()
+            sims.whiplash.set_status(shipped, 350, bump_updated_at=False)
+            for _ in range(2):
+                run.clock.advance(timedelta(minutes=6))
+                await run.cycle()
+            await run.drain()
+        assert id_in_searches(sims.whiplash.counters.log) == []
+        assert f"{shipped}:shipped" in {e.unique_id for e in sims.account(shop).events}
+        assert not [e for e in sims.account(shop).events if e.metric == "Order delivered"]
 
 
 async def test_daemon_sweeps_on_its_interval(tmp_path: Path) -> None:
