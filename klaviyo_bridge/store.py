@@ -18,7 +18,8 @@ Delivery contract (transactional outbox; reliability guide §0-§4):
 The fault suite (tests/faults/) SIGKILLs the daemon at named failpoints (one inside ``commit_page``'s
 transaction, before COMMIT) and under random load, and checks the above.
 
-Invariants kept here (the schema's and the rows' own are in ``store_schema`` and ``store_rows``):
+Invariants kept here (the schema's and the rows' own are in ``store_schema``, ``store_rows`` and
+``store_outbox``):
 - one writer connection; every write is one ``BEGIN IMMEDIATE`` transaction, and an ``asyncio.Lock``
   serialises all use of the connection, so concurrent customer tasks never interleave statements;
 - order memory only gains announced events; ``status_at`` is when the remembered status was set and bounds
@@ -44,45 +45,47 @@ import aiosqlite
 from . import failpoints, logs
 from .core import EventKind, EventRow, OrderMemory, Plan, ProfileChange, ProfileName
 from .errors import MalformedOrder, StoreError
-from .store_rows import (
-    CHUNK,
-    EVENT_BITS,
+from .store_outbox import (
     PENDING,
     Counts,
-    CustomerState,
     DeadLetter,
     DeadRow,
     OutboxRow,
-    PendingPoll,
     RowKind,
     Totals,
-    chunks,
-    clear_malformed,
-    clip,
     compact,
-    count_dropped,
-    customer_state,
     dead_filter,
     dead_letter,
     dead_row,
     delete_pending_events,
+    mark_rows_sent,
+    outbox_row,
+    queue_events,
+    queue_profiles,
+    read_counts,
+    read_totals,
+)
+from .store_rows import (
+    CHUNK,
+    EVENT_BITS,
+    CustomerState,
+    PendingPoll,
+    chunks,
+    clear_malformed,
+    clip,
+    count_dropped,
+    customer_state,
     ensure_customer,
     epoch,
     iso,
-    mark_rows_sent,
     marks,
     merge_poll,
     opt_dt,
     opt_str,
-    outbox_row,
     parse_dt,
-    queue_events,
-    queue_profiles,
-    read_counts,
     read_customer_of_order,
     read_memory,
     read_names,
-    read_totals,
     record_invalid_emails,
     record_malformed,
     record_profile_id,
