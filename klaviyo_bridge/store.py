@@ -11,202 +11,82 @@ Delivery contract (transactional outbox; reliability guide §0-§4):
 - **Bounded duplication.** Only rows in flight at a crash (at most one batch per customer) are sent twice.
 - **Isolation.** Every row, cursor and key-health flag belongs to one customer; nothing here lets one
   customer's failures touch another's rows.
-- **One kind of failure.** sqlite3's errors never leave this module: every read and write translates them into
+- **One kind of failure.** sqlite3's errors never leave the facade: every read and write translates them into
   ``errors.StoreError`` naming the database, so callers handle one storage error and nothing else imports sqlite3.
 - **Never from scratch.** A database that is unreadable, corrupt or from a newer version stops the daemon;
   an older schema is migrated in place, in one transaction per version.
 The fault suite (tests/faults/) SIGKILLs the daemon at named failpoints (one inside ``commit_page``'s
 transaction, before COMMIT) and under random load, and checks the above.
 
-Invariants kept here (the schema's and the rows' own are in ``store_schema`` and ``store_rows``):
-- one writer connection; every write is one ``BEGIN IMMEDIATE`` transaction, and an ``asyncio.Lock``
-  serialises all use of the connection, so concurrent customer tasks never interleave statements;
+The facade is three layers, one class each: ``store_base.StoreBase`` (the connection: one lock, transactions,
+sqlite3's errors, poll outcomes written in batches), ``store_delivery.DeliveryStore`` (the sender's rows and the
+dead letters) and ``Store`` here (customers, order memory, a page's commit, reports, the Whiplash token).
+
+Invariants kept here (each other module of the store states its own):
+- a page's memory, names, outbox rows, malformed orders and cursor are one transaction (``commit_page``);
 - order memory only gains announced events; ``status_at`` is when the remembered status was set and bounds
-  the reconcile sweep; a replaced profile row's older version can never be marked sent;
-- the random key under which log lines name profiles (``logs.profile_ref``) is registered when opened.
+  the reconcile sweep;
+- a customer once inserted (or seen) is known for the store's life: an idle poll needs no write transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-
-import aiosqlite
 
 from . import failpoints, logs
 from .core import EventKind, EventRow, OrderMemory, Plan, ProfileChange, ProfileName
 from .errors import MalformedOrder, StoreError
-from .store_rows import (
-    CHUNK,
-    EVENT_BITS,
-    PENDING,
+from .store_delivery import DeliveryStore
+from .store_outbox import (
     Counts,
-    CustomerState,
     DeadLetter,
     DeadRow,
     OutboxRow,
-    PendingPoll,
     RowKind,
     Totals,
-    chunks,
-    clear_malformed,
-    clip,
     compact,
-    count_dropped,
-    customer_state,
-    dead_filter,
-    dead_letter,
-    dead_row,
     delete_pending_events,
-    ensure_customer,
-    epoch,
-    iso,
-    mark_rows_sent,
-    marks,
-    merge_poll,
-    opt_dt,
-    opt_str,
-    outbox_row,
-    parse_dt,
     queue_events,
     queue_profiles,
     read_counts,
+    read_totals,
+)
+from .store_rows import (
+    CHUNK,
+    EVENT_BITS,
+    CustomerState,
+    clear_malformed,
+    clip,
+    count_dropped,
+    customer_state,
+    ensure_customer,
+    epoch,
+    iso,
+    marks,
+    opt_str,
+    parse_dt,
     read_customer_of_order,
     read_memory,
     read_names,
-    read_totals,
     record_invalid_emails,
     record_malformed,
-    record_profile_id,
     set_cursor,
     upsert_names,
     upsert_orders,
     with_poll,
-    write_polls,
 )
-from .store_schema import (
-    SCHEMA_VERSION,
-    check_health,
-    check_version_readonly,
-    configure_writer,
-    connect,
-    fetch_all,
-    fetch_one,
-    migrate,
-    profile_key,
-    reserve_private_file,
-    run,
-    run_many,
-    transaction,
-)
+from .store_schema import SCHEMA_VERSION, fetch_all, fetch_one, reserve_private_file
 from .whiplash import TokenRecord
 
-log = logging.getLogger(__name__)
 
-POLL_FLUSH_S = 2.0  # poll outcomes of every customer are written together this often
-
-
-class Store:
-    """The bridge's SQLite state, behind one serialised writer connection."""
-
-    def __init__(self, db: aiosqlite.Connection, path: Path, readonly: bool, profile_key: bytes) -> None:
-        self._db = db
-        self._path = path
-        self._readonly = readonly
-        self.profile_key = profile_key  # names profiles in logs (logs.profile_ref); never leaves the DB otherwise
-        # aiosqlite serialises statements, not transactions: without this lock two customer tasks would
-        # interleave statements inside each other's BEGIN ... COMMIT on the shared connection.
-        self._lock = asyncio.Lock()
-        # Customers are never deleted, so once inserted (or seen) a customer needs no further write transaction:
-        # skipping it halves the cost of an idle poll.
-        self._known_customers: set[int] = set()
-        self._polls: dict[int, PendingPoll] = {}  # poll outcomes not yet written (record_poll)
-        self._flush_task: asyncio.Task[None] | None = None
-
-    @classmethod
-    async def open(cls, path: Path, *, readonly: bool = False) -> Store:
-        """Open (creating and migrating unless ``readonly``) the state database at ``path``."""
-        path = Path(path)
-        db = await connect(path, readonly)
-        try:
-            await check_health(db, path)
-            if readonly:
-                await check_version_readonly(db, path)
-            else:
-                await configure_writer(db, path)
-                await migrate(db, path)
-            key = await profile_key(db)
-        except BaseException:
-            await db.close()
-            raise
-        logs.register_profile_key(key)
-        return cls(db, path, readonly, key)
-
-    @classmethod
-    async def open_readonly(cls, path: Path) -> Store:
-        """Open the database read-only, e.g. for ``status`` while the daemon runs."""
-        return await cls.open(path, readonly=True)
-
-    @property
-    def path(self) -> Path:
-        """Return the database path."""
-        return self._path
-
-    async def close(self) -> None:
-        """Write the recorded polls, then close the connection once any running transaction has finished."""
-        if self._flush_task is not None:
-            self._flush_task.cancel()
-            await asyncio.gather(self._flush_task, return_exceptions=True)
-        if not self._readonly:
-            try:
-                await self.flush_polls()
-            except StoreError as exc:
-                log.error("poll outcomes not recorded at close error=%s", exc)
-        async with self._lock:
-            await self._db.close()
-
-    async def __aenter__(self) -> Store:
-        """Return the open store."""
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Close the store."""
-        await self.close()
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Hold the connection for a read; SQLite's failures leave as StoreError."""
-        async with self._lock:
-            with self._errors():
-                yield self._db
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Hold the connection for one write transaction; SQLite's failures leave as StoreError."""
-        if self._readonly:
-            raise StoreError(f"state database {self._path} is open read-only")
-        async with self._lock:
-            with self._errors():
-                async with transaction(self._db) as db:
-                    yield db
-
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Translate sqlite3's errors (locked, disk full, I/O) into the package's own, naming the database."""
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise StoreError(f"state database {self._path}: {exc}") from exc
+class Store(DeliveryStore):
+    """The bridge's SQLite state, behind one serialised writer connection (``StoreBase``)."""
 
     # -- customers -----------------------------------------------------------------------------------------
 
@@ -241,43 +121,6 @@ class Store:
                 (int(healthy), clip(error), iso(now), customer_id),
             )
         return row is None or bool(row["key_healthy"]) != healthy
-
-    async def record_poll(
-        self, customer_id: int, now: datetime, ok: bool, error: str | None, *, interval_s: float | None = None
-    ) -> None:
-        """Record a poll's outcome (success clears the last error, failure records it) and the interval achieved.
-
-        Written within POLL_FLUSH_S, together with every other customer's: a thousand idle customers would
-        otherwise pay one fsync'd transaction per poll. This store's reads see it at once; a crash loses at
-        most those seconds of poll times, which only ``status`` shows.
-        """
-        iso(now)  # a naive time is refused here, by the caller, not later by the flush
-        self._polls[customer_id] = merge_poll(self._polls.get(customer_id), now, ok, clip(error), interval_s)
-        if self._flush_task is None:
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush_later(), name="store-polls")
-
-    async def flush_polls(self) -> None:
-        """Write the poll outcomes recorded since the last flush, all in one transaction."""
-        pending, self._polls = self._polls, {}
-        if not pending:
-            return
-        try:
-            async with self._write() as db:
-                await write_polls(db, pending)
-        except BaseException:
-            self._polls = pending | self._polls  # kept for the next flush; newer records win
-            raise
-
-    async def _flush_later(self) -> None:
-        """Flush the recorded polls after POLL_FLUSH_S; a failed write is logged and retried with the next."""
-        try:
-            await asyncio.sleep(POLL_FLUSH_S)
-            await self.flush_polls()
-        except StoreError as exc:
-            log.error("poll outcomes not recorded customers=%d error=%s action=%s", len(self._polls), exc,
-                      "retried with the next poll; check the state DB's disk (space, permissions, other processes)")
-        finally:
-            self._flush_task = None
 
     async def move_cursor(self, customer_id: int, cursor: tuple[datetime, int]) -> None:
         """Move the customer's cursor alone (a sliced walk whose finished slice completed the prefix)."""
@@ -454,145 +297,6 @@ class Store:
             await count_dropped(db, customer_id, dropped)
         return dropped
 
-    async def drop_rows(self, rows: Sequence[OutboxRow]) -> int:
-        """Delete these unsent rows (of one customer) and count them as dropped; return how many went."""
-        if not rows:
-            return 0
-        async with self._write() as db:
-            dropped = await run_many(
-                db, f"DELETE FROM outbox WHERE id = ? AND version = ? AND {PENDING}",
-                [(row.id, row.version) for row in rows],
-            )
-            await count_dropped(db, rows[0].customer_id, dropped)
-        return dropped
-
-    # -- sending -------------------------------------------------------------------------------------------
-
-    async def due_rows(
-        self, customer_id: int, now: datetime, limit: int, kind: RowKind | None = None, *,
-        history: bool | None = None,
-    ) -> list[OutboxRow]:
-        """Return up to ``limit`` pending rows due at ``now`` (of one kind, history or live), oldest first."""
-        flag = None if history is None else int(history)
-        async with self._read() as db:
-            rows = await fetch_all(
-                db,
-                "SELECT id, customer_id, kind, key, payload, version, attempts, history FROM outbox "
-                f"WHERE customer_id = ? AND {PENDING} AND next_attempt_at <= ? AND (? IS NULL OR kind = ?) "
-                "AND (? IS NULL OR history = ?) ORDER BY id LIMIT ?",
-                (customer_id, iso(now), kind, kind, flag, flag, limit),
-            )
-        return [outbox_row(r) for r in rows]
-
-    async def count_due(self, customer_id: int, now: datetime, kind: RowKind, *, history: bool) -> int:
-        """Return how many pending rows of one kind, history or live, are due at ``now``."""
-        async with self._read() as db:
-            row = await fetch_one(
-                db,
-                f"SELECT count(*) FROM outbox WHERE customer_id = ? AND {PENDING} AND next_attempt_at <= ? "
-                "AND kind = ? AND history = ?",
-                (customer_id, iso(now), kind, int(history)),
-            )
-        return 0 if row is None else int(row[0])
-
-    async def next_due_at(self, customer_id: int) -> datetime | None:
-        """Return when the customer's earliest pending row is due, or None if nothing is pending."""
-        async with self._read() as db:
-            row = await fetch_one(
-                db,
-                f"SELECT min(next_attempt_at) FROM outbox WHERE customer_id = ? AND {PENDING}",
-                (customer_id,),
-            )
-        return None if row is None else opt_dt(row[0])
-
-    async def customers_due(self, now: datetime) -> set[int]:
-        """Return every customer with a pending row due by ``now``: one query for all of them (the daemon's watch)."""
-        async with self._read() as db:
-            rows = await fetch_all(
-                db,
-                f"SELECT DISTINCT customer_id FROM outbox WHERE {PENDING} AND next_attempt_at <= ?",
-                (iso(now),),
-            )
-        return {int(row[0]) for row in rows}
-
-    async def mark_sent(self, row: OutboxRow, now: datetime, profile_id: str | None = None) -> bool:
-        """Mark a row sent after Klaviyo's 2xx; return False if it was replaced (it then stays pending)."""
-        async with self._write() as db:
-            changed = await mark_rows_sent(db, [row], now)
-            # The id belongs to the email whatever payload carried it, so record it even for a stale version.
-            if profile_id is not None and row.kind == "profile":
-                await record_profile_id(db, row.customer_id, row.key, profile_id)
-        return changed == 1
-
-    async def mark_retry(
-        self, row: OutboxRow, now: datetime, next_attempt_at: datetime, error: str, status: int | None
-    ) -> None:
-        """Count a failed attempt and schedule the next one (a replaced row is left as it is)."""
-        await self.mark_retry_many([row], now, next_attempt_at, error, status)
-
-    async def mark_dead(self, row: OutboxRow, now: datetime, status: int | None, response: str) -> None:
-        """Dead-letter a row Klaviyo refused for what it is (a replaced row keeps its new payload pending)."""
-        async with self._write() as db:
-            await run(
-                db,
-                """UPDATE outbox SET attempts = attempts + 1, dead_at = ?, last_status = ?, response = ?
-                   WHERE id = ? AND version = ? AND """ + PENDING,
-                (iso(now), status, clip(response), row.id, row.version),
-            )
-
-    async def pending_list_members(self, customer_id: int, limit: int = 1000) -> list[str]:
-        """Return profile ids that still have to be added to the customer's list."""
-        async with self._read() as db:
-            rows = await fetch_all(
-                db,
-                """SELECT DISTINCT profile_id FROM profiles
-                   WHERE customer_id = ? AND on_list = 0 AND profile_id IS NOT NULL
-                   ORDER BY profile_id LIMIT ?""",
-                (customer_id, limit),
-            )
-        return [str(r[0]) for r in rows]
-
-    async def mark_on_list(self, customer_id: int, profile_ids: Sequence[str]) -> None:
-        """Record that these profiles joined the customer's list."""
-        async with self._write() as db:
-            # Without ANALYZE statistics SQLite scans the customer's primary-key range instead (seconds per
-            # batch at 100k profiles); INDEXED BY also fails loudly should the index ever become unusable.
-            await run_many(
-                db,
-                """UPDATE profiles INDEXED BY profiles_off_list SET on_list = 1
-                   WHERE customer_id = ? AND profile_id = ? AND on_list = 0 AND profile_id IS NOT NULL""",
-                [(customer_id, pid) for pid in profile_ids],
-            )
-
-    # -- dead letters --------------------------------------------------------------------------------------
-
-    async def dead_rows(self, customer_id: int | None) -> list[DeadRow]:
-        """Return dead-lettered rows of one customer (or all customers), oldest first."""
-        where, params = dead_filter(customer_id, None)
-        async with self._read() as db:
-            rows = await fetch_all(
-                db,
-                "SELECT id, customer_id, kind, key, last_status, response, dead_at, attempts FROM outbox "
-                f"WHERE {where} ORDER BY id",
-                params,
-            )
-        return [dead_row(r) for r in rows]
-
-    async def replay_dead(self, customer_id: int | None, row_ids: Sequence[int] | None, now: datetime) -> int:
-        """Make dead rows (all, or those ids) of a customer (or all) pending again; return how many."""
-        groups: list[list[int] | None] = [None] if row_ids is None else list(chunks(row_ids))
-        replayed = 0
-        async with self._write() as db:
-            for chunk in groups:
-                where, params = dead_filter(customer_id, chunk)
-                replayed += await run(
-                    db,
-                    "UPDATE outbox SET dead_at = NULL, attempts = 0, version = version + 1, "
-                    f"next_attempt_at = ? WHERE {where}",
-                    [iso(now), *params],
-                )
-        return replayed
-
     # -- reporting -----------------------------------------------------------------------------------------
 
     async def counts(self, customer_id: int, since: datetime) -> Counts:
@@ -637,6 +341,15 @@ class Store:
             rows = await fetch_all(db, "PRAGMA integrity_check")
         return [str(r[0]) for r in rows] == ["ok"]
 
+    async def compact_sent(self, sent_before: datetime) -> int:
+        """Shrink what was sent before ``sent_before``: blank event payloads, drop profile rows; return rows touched.
+
+        Event rows and their keys stay, as does order memory, so nothing can be queued or sent twice; a sent
+        profile row goes whole (the name lives in ``profiles``; a later change queues a fresh row).
+        """
+        async with self._write() as db:
+            return await compact(db, iso(sent_before))
+
     # -- Whiplash token ------------------------------------------------------------------------------------
 
     async def load_whiplash_token(self) -> TokenRecord | None:
@@ -663,63 +376,6 @@ class Store:
                      seed_fingerprint = excluded.seed_fingerprint""",
                 (rec.access_token, iso(rec.expires_at), rec.refresh_token, rec.seed_fingerprint),
             )
-
-    async def mark_sent_many(self, rows: Sequence[OutboxRow], now: datetime) -> int:
-        """Mark rows sent in one transaction once Klaviyo accepted the request carrying them; return how many.
-
-        One transaction (one fsync) for a whole bulk request, with mark_sent's version guard per row.
-        """
-        async with self._write() as db:
-            return await mark_rows_sent(db, rows, now)
-
-    async def mark_retry_many(
-        self, rows: Sequence[OutboxRow], now: datetime, next_attempt_at: datetime, error: str, status: int | None
-    ) -> None:
-        """Count a failed attempt of each row and schedule the next, in one transaction (replaced rows untouched)."""
-        params = (iso(next_attempt_at), clip(error), status)
-        async with self._write() as db:
-            await run_many(
-                db,
-                """UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,
-                     last_status = ?
-                   WHERE id = ? AND version = ? AND """ + PENDING,
-                [(*params, row.id, row.version) for row in rows],
-            )
-
-    async def mark_listed_by_import(self, customer_id: int, emails: Sequence[str]) -> None:
-        """Record that a bulk import job added these emails' profiles to the customer's list.
-
-        A job adds profiles by email without telling their Klaviyo ids: they are recorded on the list with
-        whatever id was known; should a later upsert return a new id, it joins the list again (harmless).
-        """
-        async with self._write() as db:
-            await ensure_customer(db, customer_id)
-            await run_many(
-                db,
-                """INSERT INTO profiles (customer_id, email, on_list) VALUES (?, ?, 1)
-                   ON CONFLICT (customer_id, email) DO UPDATE SET on_list = 1""",
-                [(customer_id, email) for email in emails],
-            )
-
-    async def compact_sent(self, sent_before: datetime) -> int:
-        """Shrink what was sent before ``sent_before``: blank event payloads, drop profile rows; return rows touched.
-
-        Event rows and their keys stay, as does order memory, so nothing can be queued or sent twice; a sent
-        profile row goes whole (the name lives in ``profiles``; a later change queues a fresh row).
-        """
-        async with self._write() as db:
-            return await compact(db, iso(sent_before))
-
-    async def dead_letter(self, row_id: int) -> DeadLetter | None:
-        """Return one dead-lettered row in full (payload, Klaviyo's response), or None if no such dead row."""
-        async with self._read() as db:
-            row = await fetch_one(
-                db,
-                "SELECT id, customer_id, kind, key, payload, version, attempts, created_at, dead_at, last_status, "
-                "last_error, response FROM outbox WHERE id = ? AND dead_at IS NOT NULL",
-                (row_id,),
-            )
-        return None if row is None else dead_letter(row)
 
 
 # The facade's public names: the store and the row types its methods take and return.
