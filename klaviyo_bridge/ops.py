@@ -451,7 +451,7 @@ async def token_conflict(settings: Settings, store: Store, now: datetime) -> str
     A resync therefore only runs alongside the daemon when the stored access token will not need renewal.
     """
     from .status import stale_limit
-    from .whiplash import REFRESH_MARGIN, fingerprint
+    from .whiplash_auth import REFRESH_MARGIN, fingerprint
 
     w = settings.whiplash
     if w.grant != "refresh_token" or w.refresh_token is None:

@@ -28,7 +28,7 @@ from .exits import CONFIG_HELP, EX_CONFIG, EX_FATAL, EX_OK, EX_TEMPFAIL, EX_USAG
 if TYPE_CHECKING:
     from .config import Settings
     from .notifications import NotificationClient, NotificationEvent, Subscription
-    from .whiplash import TokenRecord, TokenVault
+    from .whiplash_auth import TokenRecord, TokenVault
 
 # The order events worth a wake-up (a status the bridge announces may have changed). Those the fact sheet lists
 # as CONFIRMED, plus order.status_changed and order.packed, whose API names are INFERRED from the UI's; a name
@@ -100,16 +100,13 @@ async def _with_client(settings: Settings, work: Callable[[NotificationClient], 
     """Run ``work(client)`` with a notification client on the configured application; map failures to codes."""
     import aiohttp
 
-    from .budget import WhiplashBudget
     from .notifications import NotificationClient
-    from .whiplash import TokenManager, WhiplashAuth
+    from .whiplash_auth import TokenManager
 
     w = settings.whiplash
-    auth = WhiplashAuth(w.base_url, w.grant, w.client_id, w.client_secret, w.refresh_token, w.scope)
     try:
         async with aiohttp.ClientSession() as session, _token_vault(settings) as vault:
-            budget = WhiplashBudget(w.max_requests_per_second, w.max_concurrent_requests)
-            tokens = TokenManager(session, auth, vault, timeout=w.timeout_seconds, budget=budget)
+            tokens = TokenManager.from_settings(w, session, vault)
             return await work(NotificationClient(session, tokens, base_url=w.base_url, timeout=w.timeout_seconds))
     except _Refused as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,7 +32,8 @@ from klaviyo_bridge.ops import (
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash
 from klaviyo_bridge.store import Store
 from klaviyo_bridge.sync import sync_window
-from klaviyo_bridge.whiplash import TokenRecord, WhiplashClient, fingerprint
+from klaviyo_bridge.whiplash import WhiplashClient
+from klaviyo_bridge.whiplash_auth import TokenRecord, fingerprint
 
 CLIENT_ID = "ops-test-client"
 WHIPLASH_SECRET = "ops-test-whiplash-secret"
