@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__, demo, logs, ops, subscriptions
+from .alongside import stale_limit
 from .config import Settings, default_config_path, load_or_report
 from .errors import StoreError
 from .exits import CHECK_UNKNOWN, CONFIG_HELP, EPILOG, EX_CONFIG, EX_FATAL, EX_OK, EX_UNHEALTHY, EX_USAGE
@@ -30,7 +31,6 @@ from .status import (
     check,
     render_status,
     resolve_profile,
-    stale_limit,
     status_report,
     status_rows,
 )

@@ -21,9 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
+import aiohttp
+
+from .alongside import open_store, token_conflict
+from .clock import utcnow
 from .config import load_or_report
 from .errors import BridgeError, StoreError
 from .exits import CONFIG_HELP, EX_CONFIG, EX_FATAL, EX_OK, EX_TEMPFAIL, EX_USAGE
+from .whiplash_auth import TokenManager
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -98,10 +103,7 @@ def _usage_problem(settings: Settings, customer_id: int, url: str) -> str | None
 
 async def _with_client(settings: Settings, work: Callable[[NotificationClient], Awaitable[int]]) -> int:
     """Run ``work(client)`` with a notification client on the configured application; map failures to codes."""
-    import aiohttp
-
-    from .notifications import NotificationClient
-    from .whiplash_auth import TokenManager
+    from .notifications import NotificationClient  # deferred: only `webhooks` needs the notification API client
 
     w = settings.whiplash
     try:
@@ -141,9 +143,6 @@ async def _token_vault(settings: Settings) -> AsyncIterator[TokenVault]:
     if settings.whiplash.grant != "refresh_token":
         yield _MemoryVault()
         return
-    from .clock import utcnow
-    from .ops import open_store, token_conflict
-
     try:
         store = await open_store(settings, write=True)
     except StoreError as exc:

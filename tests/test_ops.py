@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from klaviyo_bridge import logs
+from klaviyo_bridge.alongside import token_conflict
 from klaviyo_bridge.cli import main
 from klaviyo_bridge.config import CustomerSettings, Settings, load_config
 from klaviyo_bridge.core import EventKind, EventRow, Plan, ProfileChange, ProfileName
@@ -27,7 +28,6 @@ from klaviyo_bridge.ops import (
     response_excerpt,
     resync_refusal,
     run_resync,
-    token_conflict,
 )
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash
 from klaviyo_bridge.store import Store
