@@ -28,13 +28,14 @@ import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, ValidationError, field_validator, model_validator
 
 from . import logs
+from .clock import utcnow
 from .config_env import bridge_overrides, variable_for
 from .config_fields import (
     MAX_INT64,
@@ -55,7 +56,7 @@ from .config_fields import (
 )
 from .config_problems import Loc, escape_controls, problem_lines, quote
 from .config_secrets import os_reason, resolve_references
-from .core import DEFAULT_METRIC_NAMES, EventKind, Rules
+from .core import DEFAULT_METRIC_NAMES, DEFAULT_STATUS_EVENTS, EventKind, Rules
 from .errors import ConfigError
 from .logs import LogFormat
 
@@ -172,16 +173,21 @@ def _shared_names(names: Mapping[EventKind, str]) -> list[tuple[EventKind, Event
     return shared
 
 
+# Each milestone's status codes in the core's table (in its order): the one definition of which status announces what.
+_DEFAULT_CODES = {kind: tuple(code for code, k in DEFAULT_STATUS_EVENTS.items() if k is kind) for kind in EventKind}
+
+
 class StatusSettings(BaseModel):
     """Which Whiplash status codes announce which milestone."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    processing: tuple[StatusCode, ...] = (100, 120, 140, 150, 155, 160, 200, 250)
-    # 45 "Closed by Originator" is deliberately absent: see config.example.toml.
-    cancelled: tuple[StatusCode, ...] = (40,)
-    shipped: tuple[StatusCode, ...] = (300,)
-    delivered: tuple[StatusCode, ...] = (350,)
+    # The defaults are the core's, like the metric names (45 "Closed by Originator" is deliberately absent: see
+    # config.example.toml).
+    processing: tuple[StatusCode, ...] = _DEFAULT_CODES[EventKind.PROCESSING]
+    cancelled: tuple[StatusCode, ...] = _DEFAULT_CODES[EventKind.CANCELLED]
+    shipped: tuple[StatusCode, ...] = _DEFAULT_CODES[EventKind.SHIPPED]
+    delivered: tuple[StatusCode, ...] = _DEFAULT_CODES[EventKind.DELIVERED]
 
     def codes_for(self, kind: EventKind) -> tuple[int, ...]:
         """Return the status codes that announce ``kind``."""
@@ -395,7 +401,7 @@ def load_config(
         problems += _state_folder_problems(settings.bridge.state_path)
     if settings is None or problems:
         raise ConfigError([escape_controls(line) for line in problems])
-    warnings += _advice(settings, today or datetime.now(UTC).date())
+    warnings += _advice(settings, today or utcnow().date())
     return LoadedConfig(settings=settings, warnings=tuple(escape_controls(line) for line in warnings))
 
 
