@@ -94,7 +94,7 @@ bench: $(BENCH_STAMP)
 # Mutation testing (tests/mutation/run.py): each module mutated by mutmut and run against its own test file, killed
 # and survived per module, listed equivalents (tests/mutation/equivalents.toml) left out of the score; fails below a
 # module's floor. A subset: make mutate MODULES="core orders". Work files in mutants/ (rebuilt every run).
-MODULES ?= core orders ratelimit slices config config_secrets config_problems config_env
+MODULES ?= core orders ratelimit slices config config_fields config_secrets config_problems config_env
 MUTATE_STAMP := $(VENV)/.mutate-installed
 
 $(MUTATE_STAMP): $(STAMP) tests/mutation/requirements.txt

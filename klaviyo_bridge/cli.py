@@ -15,11 +15,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
 from . import __version__, demo, logs, ops, subscriptions
+from .alongside import stale_limit
+from .clock import utcnow
 from .config import Settings, default_config_path, load_or_report
 from .errors import StoreError
 from .exits import CHECK_UNKNOWN, CONFIG_HELP, EPILOG, EX_CONFIG, EX_FATAL, EX_OK, EX_UNHEALTHY, EX_USAGE
@@ -30,7 +31,6 @@ from .status import (
     check,
     render_status,
     resolve_profile,
-    stale_limit,
     status_report,
     status_rows,
 )
@@ -134,7 +134,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.profile is not None:
         return _print_profile(settings, args.profile)
     try:
-        rows, budget = asyncio.run(status_report(settings, datetime.now(UTC)))
+        rows, budget = asyncio.run(status_report(settings, utcnow()))
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EX_FATAL
@@ -158,7 +158,7 @@ def _status_check(path: Path | None) -> int:
         print(f"{CHECK_NAME} UNKNOWN - configuration unusable (run klaviyo-bridge check-config)")
         return CHECK_UNKNOWN
     try:
-        rows = asyncio.run(status_rows(loaded.settings, datetime.now(UTC)))
+        rows = asyncio.run(status_rows(loaded.settings, utcnow()))
     except StoreError as exc:
         print(f"{CHECK_NAME} UNKNOWN - {' '.join(str(exc).split())}")
         return CHECK_UNKNOWN

@@ -1,5 +1,7 @@
 """Load, resolve and validate the bridge's TOML configuration into one frozen ``Settings`` tree.
 
+The settings models and loading live here; the checked field types are ``config_fields``', the wording of
+problems ``config_problems``', secret references ``config_secrets``' and environment overrides ``config_env``'s.
 Invariants kept here:
 - ``load_config`` either returns a fully valid, frozen ``Settings`` or raises ``ConfigError`` listing every
   problem it found, one line each, as ``"<key path>: <why>"``; no TOML input produces any other exception.
@@ -22,168 +24,50 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
 
-from email_validator import EmailNotValidError, validate_email
-from pydantic import (
-    AfterValidator,
-    AllowInfNan,
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    Strict,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, ValidationError, field_validator, model_validator
 
 from . import logs
+from .clock import utcnow
 from .config_env import bridge_overrides, variable_for
-from .config_problems import Loc, escape_controls, format_loc, problem_lines, quote
+from .config_fields import (
+    MAX_INT64,
+    Email,
+    Float,
+    HttpUrlStr,
+    Int,
+    ListenAddress,
+    MetricName,
+    NonEmptyStr,
+    Revision,
+    Secret,
+    StatusCode,
+    WebhookPath,
+    check_state_path,
+    raise_cross,
+    split_host_port,
+)
+from .config_problems import Loc, escape_controls, problem_lines, quote
 from .config_secrets import os_reason, resolve_references
-from .core import DEFAULT_METRIC_NAMES, EventKind, Rules
+from .core import DEFAULT_METRIC_NAMES, DEFAULT_STATUS_EVENTS, EventKind, Rules
 from .errors import ConfigError
 from .logs import LogFormat
 
 DEFAULT_CONFIG_PATH = Path("/etc/klaviyo-bridge/config.toml")
 CONFIG_PATH_ENV = "KLAVIYO_BRIDGE_CONFIG"
 
-_MAX_METRIC_NAME = 127
 # timedelta/datetime arithmetic overflows long before float does; ten years is far beyond any useful value.
 _MAX_STALE_HOURS = 10 * 365 * 24
-_MAX_INT32 = 2**31 - 1
-_MAX_INT64 = 2**63 - 1
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 Grant = Literal["client_credentials", "refresh_token"]
-
-
-# --- field checks -------------------------------------------------------------------------------------------
-
-
-def _fail(message: str) -> PydanticCustomError:
-    """Build a validation error whose text is exactly ``message``."""
-    return PydanticCustomError("bridge_value", message)
-
-
-def _non_blank(value: str) -> str:
-    """Reject empty and whitespace-only text."""
-    if not value.strip():
-        raise _fail("must not be empty")
-    return value
-
-
-def _http_url(value: str) -> str:
-    """Accept an absolute http(s) URL without credentials, query or fragment; drop trailing slashes."""
-    if not _is_plain_http_url(value):
-        raise _fail(f"must be an http(s) URL like https://host (got {quote(value)})")
-    return value.rstrip("/")
-
-
-def _is_plain_http_url(value: str) -> bool:
-    """Tell whether ``value`` is http(s)://host[:port][/path] with nothing that could hide a secret."""
-    try:
-        parts = urlsplit(value)
-        port_ok = parts.port != 0  # .port raises ValueError for a non-numeric or out-of-range port
-    except ValueError:
-        return False
-    return (
-        port_ok
-        and parts.scheme in ("http", "https")
-        and bool(parts.hostname)
-        and "@" not in parts.netloc
-        and not parts.query
-        and not parts.fragment
-        and not any(ch.isspace() for ch in value)
-    )
-
-
-_REVISION = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})(\.[A-Za-z0-9]+)?")
-
-
-def _revision(value: str) -> str:
-    """Accept a Klaviyo API revision: YYYY-MM-DD with an optional .suffix."""
-    match = _REVISION.fullmatch(value)
-    try:
-        valid = match is not None and bool(date.fromisoformat(match.group(1)))
-    except ValueError:
-        valid = False
-    if not valid:
-        raise _fail(f"must be a revision date like 2026-07-15 or 2026-07-15.pre (got {quote(value)})")
-    return value
-
-
-def _email(value: str) -> str:
-    """Accept an email address valid by syntax (the same check orders' emails get; no DNS)."""
-    try:
-        validate_email(value.strip(), check_deliverability=False)
-    except EmailNotValidError:
-        raise _fail(f"must be an email address (got {quote(value)})") from None
-    return value.strip().lower()
-
-
-def _metric_name(value: str) -> str:
-    """Accept a Klaviyo metric name: not blank and shorter than 128 characters."""
-    _non_blank(value)
-    if len(value) > _MAX_METRIC_NAME:
-        raise _fail(f"must be at most {_MAX_METRIC_NAME} characters (got {len(value)})")
-    return value
-
-
-def _state_path(value: Any) -> Any:
-    """Reject an empty or NUL-containing path before pathlib turns "" into the current directory."""
-    if isinstance(value, str) and (not value.strip() or "\x00" in value):
-        raise _fail("must be a file path")
-    return value
-
-
-def _listen_address(value: str) -> str:
-    """Accept "host:port" (IPv6 hosts in brackets) with a port in 1..65535."""
-    if _split_host_port(value) is None:
-        example = '"127.0.0.1:9464"'
-        raise _fail(f'must be "host:port" with a port in 1..65535, e.g. {example} (got {quote(value)})')
-    return value
-
-
-def _split_host_port(value: str) -> tuple[str, int] | None:
-    """Split "host:port" into its parts, or return None when it is not one."""
-    host, _, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        return None  # an unbracketed IPv6 address is ambiguous
-    if not host or any(ch.isspace() for ch in host) or not (port.isascii() and port.isdigit()):
-        return None
-    number = int(port)
-    return (host, number) if 1 <= number <= 65535 else None
-
-
-Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict(), AllowInfNan(False)]
-Str = Annotated[str, Strict()]
-NonEmptyStr = Annotated[str, Strict(), AfterValidator(_non_blank)]
-HttpUrlStr = Annotated[str, Strict(), AfterValidator(_http_url)]
-MetricName = Annotated[str, Strict(), AfterValidator(_metric_name)]
-StatusCode = Annotated[int, Strict(), Field(ge=0, le=_MAX_INT32)]
-Secret = Annotated[SecretStr, Field(min_length=1)]
-
-
-def _raise_cross(problems: list[tuple[Loc, str]]) -> None:
-    """Raise one error carrying several (relative key path, why) problems, if there are any."""
-    if problems:
-        summary = "; ".join(f"{format_loc(loc)}: {why}" for loc, why in problems)
-        context = {"summary": summary, "problems": tuple(problems)}
-        raise PydanticCustomError("cross_field", "{summary}", context)
 
 
 # --- settings models ----------------------------------------------------------------------------------------
@@ -200,13 +84,13 @@ class BridgeSettings(BaseModel):
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     shutdown_grace_seconds: Float = Field(default=20.0, gt=0)
-    metrics_listen: Annotated[str, Strict(), AfterValidator(_listen_address)] | None = None
+    metrics_listen: ListenAddress | None = None
 
-    _check_state_path = field_validator("state_path", mode="before")(_state_path)
+    _check_state_path = field_validator("state_path", mode="before")(check_state_path)
 
     def metrics_address(self) -> tuple[str, int] | None:
         """Return the (host, port) to serve metrics on (IPv6 without brackets), or None when disabled."""
-        return None if self.metrics_listen is None else _split_host_port(self.metrics_listen)
+        return None if self.metrics_listen is None else split_host_port(self.metrics_listen)
 
 
 class WhiplashSettings(BaseModel):
@@ -235,7 +119,7 @@ class WhiplashSettings(BaseModel):
     def _refresh_token_for_grant(self) -> Self:
         """Require a refresh token to seed the refresh_token grant."""
         if self.grant == "refresh_token" and self.refresh_token is None:
-            _raise_cross([(("refresh_token",), 'required when grant = "refresh_token"')])
+            raise_cross([(("refresh_token",), 'required when grant = "refresh_token"')])
         return self
 
 
@@ -245,9 +129,9 @@ class KlaviyoSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_url: HttpUrlStr = "https://a.klaviyo.com"
-    revision: Annotated[str, Strict(), AfterValidator(_revision)] = "2026-07-15"
+    revision: Revision = "2026-07-15"
     rate_limit_share: Float = Field(default=0.8, gt=0, le=1)
-    default_profile_email: Annotated[str, Strict(), AfterValidator(_email)]
+    default_profile_email: Email
     timeout_seconds: Float = Field(default=30.0, gt=0)
     key_probe_seconds: Float = Field(default=300.0, ge=1, le=86400)
 
@@ -273,7 +157,7 @@ class EventSettings(BaseModel):
     def _names_distinct(self) -> Self:
         """Reject two milestones sharing one metric (flows could not tell them apart)."""
         names = {kind: self.name_for(kind) for kind in EventKind}
-        _raise_cross([((kind.value,), f"same metric name as events.{owner.value} ({quote(names[kind])})")
+        raise_cross([((kind.value,), f"same metric name as events.{owner.value} ({quote(names[kind])})")
                       for kind, owner in _shared_names(names)])
         return self
 
@@ -289,16 +173,21 @@ def _shared_names(names: Mapping[EventKind, str]) -> list[tuple[EventKind, Event
     return shared
 
 
+# Each milestone's status codes in the core's table (in its order): the one definition of which status announces what.
+_DEFAULT_CODES = {kind: tuple(code for code, k in DEFAULT_STATUS_EVENTS.items() if k is kind) for kind in EventKind}
+
+
 class StatusSettings(BaseModel):
     """Which Whiplash status codes announce which milestone."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    processing: tuple[StatusCode, ...] = (100, 120, 140, 150, 155, 160, 200, 250)
-    # 45 "Closed by Originator" is deliberately absent: see config.example.toml.
-    cancelled: tuple[StatusCode, ...] = (40,)
-    shipped: tuple[StatusCode, ...] = (300,)
-    delivered: tuple[StatusCode, ...] = (350,)
+    # The defaults are the core's, like the metric names (45 "Closed by Originator" is deliberately absent: see
+    # config.example.toml).
+    processing: tuple[StatusCode, ...] = _DEFAULT_CODES[EventKind.PROCESSING]
+    cancelled: tuple[StatusCode, ...] = _DEFAULT_CODES[EventKind.CANCELLED]
+    shipped: tuple[StatusCode, ...] = _DEFAULT_CODES[EventKind.SHIPPED]
+    delivered: tuple[StatusCode, ...] = _DEFAULT_CODES[EventKind.DELIVERED]
 
     def codes_for(self, kind: EventKind) -> tuple[int, ...]:
         """Return the status codes that announce ``kind``."""
@@ -320,7 +209,7 @@ class StatusSettings(BaseModel):
                 if (owner, at) != (kind, index):
                     where = f"statuses.{owner.value}[{at}]"
                     problems.append(((kind.value, index), f"status {code} is already listed at {where}"))
-        _raise_cross(problems)
+        raise_cross(problems)
         return self
 
 
@@ -349,7 +238,7 @@ class CustomerSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    whiplash_customer_id: Int = Field(gt=0, le=_MAX_INT64)
+    whiplash_customer_id: Int = Field(gt=0, le=MAX_INT64)
     name: NonEmptyStr
     klaviyo_api_key: Secret
     launch_date: Annotated[date, Strict()]  # changes before 00:00 UTC that day are backfill
@@ -370,7 +259,7 @@ class CustomerSettings(BaseModel):
             if name in seen:
                 problems.append(((index,), f"{quote(name)} is listed twice"))
             seen.add(name)
-        _raise_cross(problems)
+        raise_cross(problems)
         return events
 
     def enabled_events(self) -> frozenset[EventKind]:
@@ -378,15 +267,7 @@ class CustomerSettings(BaseModel):
         return frozenset(EventKind(name) for name in self.events)
 
 
-_WEBHOOK_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 _MIB = 1024 * 1024
-
-
-def _webhook_path(value: str) -> str:
-    """Accept an absolute URL path (no query, fragment or whitespace): where Whiplash POSTs its webhooks."""
-    if not _WEBHOOK_PATH.fullmatch(value):
-        raise _fail(f'must be a URL path starting with "/", e.g. "/whiplash/webhook" (got {quote(value)})')
-    return value
 
 
 class WebhookSettings(BaseModel):
@@ -394,15 +275,15 @@ class WebhookSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    listen: Annotated[str, Strict(), AfterValidator(_listen_address)] | None = None
-    path: Annotated[str, Strict(), AfterValidator(_webhook_path)] = "/whiplash/webhook"
+    listen: ListenAddress | None = None
+    path: WebhookPath = "/whiplash/webhook"
     # Whiplash signs with the OAuth application's client secret; a separate key only if Whiplash ever uses one.
     secret: Secret | None = None
     max_body_bytes: Int = Field(default=_MIB, ge=1024, le=64 * _MIB)
 
     def address(self) -> tuple[str, int] | None:
         """Return the (host, port) to bind when systemd passes no socket (IPv6 without brackets), or None: off."""
-        return None if self.listen is None else _split_host_port(self.listen)
+        return None if self.listen is None else split_host_port(self.listen)
 
 
 class Settings(BaseModel):
@@ -430,7 +311,7 @@ class Settings(BaseModel):
             if earlier != index:
                 why = f"duplicate of customers[{earlier}] ({cid})"
                 problems.append(((index, "whiplash_customer_id"), why))
-        _raise_cross(problems)
+        raise_cross(problems)
         return customers
 
     @model_validator(mode="after")
@@ -444,7 +325,7 @@ class Settings(BaseModel):
                  f"same metric name as {owner.value} for this customer ({quote(names[kind])})")
                 for kind, owner in _shared_names(names)
             ]
-        _raise_cross(problems)
+        raise_cross(problems)
         return self
 
     def metric_names_for(self, customer: CustomerSettings) -> dict[EventKind, str]:
@@ -520,7 +401,7 @@ def load_config(
         problems += _state_folder_problems(settings.bridge.state_path)
     if settings is None or problems:
         raise ConfigError([escape_controls(line) for line in problems])
-    warnings += _advice(settings, today or datetime.now(UTC).date())
+    warnings += _advice(settings, today or utcnow().date())
     return LoadedConfig(settings=settings, warnings=tuple(escape_controls(line) for line in warnings))
 
 
@@ -642,9 +523,3 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-# The describers below are bound to their words with partial() in _MESSAGES rather than built by factories
-# at import: code that runs only at import is out of reach of mutation testing (make mutate).
-
-

@@ -78,6 +78,10 @@ def _number(value: Any) -> str:
     return str(value) if isinstance(value, int | float) else _toml_type(value)
 
 
+# The describers below are bound to their words with partial() in _MESSAGES rather than built by factories
+# at import: code that runs only at import is out of reach of mutation testing (make mutate).
+
+
 def _expects(what: str, error: ErrorDetails) -> str:
     """Describe a type mismatch; only the input's type is shown, never its value (it may be a secret)."""
     return f"must be {what} (got {_toml_type(error.get('input'))})"

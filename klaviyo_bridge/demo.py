@@ -29,10 +29,11 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
+from .clock import utcnow
 from .core import DEFAULT_METRIC_NAMES, DEFAULT_STATUS_EVENTS, EventKind
 from .sandbox.world import (
     Sandbox,
@@ -90,7 +91,7 @@ class RunOutcome:
 
 async def run_demo(seconds: float, out: TextIO) -> int:
     """Set up the sandbox, run the bridge for ``seconds`` while orders move, print the summary."""
-    customers = demo_customers(datetime.now(UTC).date())
+    customers = demo_customers(utcnow().date())
     sandbox = build_sandbox(customers)
     with tempfile.TemporaryDirectory(prefix="klaviyo-bridge-demo-") as tmp:
         async with serve_sandbox(sandbox) as urls:
@@ -102,7 +103,7 @@ async def run_demo(seconds: float, out: TextIO) -> int:
             _print(out, intro(urls, sandbox, config, seconds, port))
             outcome = await run_bridge(sandbox, config, seconds, out, port)
             outcome.status = await read_status(config, customers)
-        _print(out, summary(sandbox, outcome, datetime.now(UTC)))
+        _print(out, summary(sandbox, outcome, utcnow()))
     return EX_OK if outcome.returncode == 0 and outcome.status else EX_FAILED
 
 
@@ -250,7 +251,7 @@ def intro(urls: SandboxUrls, sandbox: Sandbox, config: Path, seconds: float, por
 
 def plan_text(c: SandboxCustomer) -> str:
     """Describe what the bridge will do for one customer."""
-    now = datetime.now(UTC)
+    now = utcnow()
     launch = f"{c.launch_date} ({relative_day(c.launch_date, now)})"
     if not c.is_launched(now):
         return f"launch {launch}: set-up only — list, sample profile, one sample event per metric it gets"

@@ -7,9 +7,9 @@ Endpoints and fields are the fact sheet's (whiplash-api.md §6, CONFIRMED from t
 ``notification_type`` string of a webhook (``NOTIFICATION_TYPE``) and ``version`` 2 for v2-shaped payloads
 (documented only as "whether the payload will match the v1 or v2 API").
 
-Invariants: requests carry the token of the orders client's machinery (``TokenManager``: stored, renewed
-once under a lock, a 401 answered by one fresh token); failures leave as the ``errors`` tree with the
-secret-free details the orders client gives.
+Invariants: requests carry the token of the machinery the orders client uses too (``whiplash_auth.TokenManager``:
+stored, renewed once under a lock, a 401 answered by one fresh token); failures leave as the ``errors`` tree with
+the secret-free details ``whiplash_auth`` gives every Whiplash reply.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import aiohttp
 from .budget import Lane
 from .errors import MalformedPayload
 from .http import Reply, body_reason, error_for, exchange, retry_after
-from .whiplash import SERVICE, TokenManager, error_detail, report_throttle
+from .whiplash_auth import SERVICE, TokenManager, error_detail, report_throttle
 
 NOTIFICATION_TYPE = "webhook"  # UNCONFIRMED: the API's strings are not documented
 PAYLOAD_VERSION = 2  # UNCONFIRMED: "whether the payload will match the v1 or v2 API"

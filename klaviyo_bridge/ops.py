@@ -9,7 +9,7 @@ own through SQLite's busy timeout. Invariants:
   due rows at least once a minute, so it picks them up by itself;
 - a resync commits through the same path as the poller (``sync.sync_window``) with the cursor untouched,
   so an event already queued or sent is never queued twice;
-- a resync never rotates the Whiplash refresh token under a running daemon (see ``token_conflict``).
+- a resync never rotates the Whiplash refresh token under a running daemon (see ``alongside.token_conflict``).
 """
 
 from __future__ import annotations
@@ -19,23 +19,26 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+import aiohttp
+
 from . import logs
+from .alongside import open_store, token_conflict
 from .clock import utcnow
 from .config import load_or_report
 from .core import midnight_utc, order_of_key
 from .errors import BridgeError, StoreError
 from .exits import CONFIG_HELP, EX_CONFIG, EX_FATAL, EX_OK, EX_TEMPFAIL, EX_USAGE
+from .store import Store
 
 if TYPE_CHECKING:
     from .config import CustomerSettings, Settings
-    from .store import DeadLetter, DeadRow, Store
+    from .store import DeadLetter, DeadRow
 
 RESYNC_LIMIT_DAYS = 14  # the backfill limit: the bridge never reads further back than this
-TOKEN_HEADROOM = timedelta(minutes=10)  # a resync must finish before the daemon renews the shared token
 EXCERPT_CHARS = 80
 PICKUP_NOTE = "the running daemon sends {} within a minute (or run `klaviyo-bridge run --once`)"
 
@@ -116,16 +119,6 @@ def _fail(message: str, code: int = EX_FATAL) -> int:
 def plural(n: int, noun: str) -> str:
     """Return "1 order", "2 orders"."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-async def open_store(settings: Settings, *, write: bool) -> Store:
-    """Open the existing state DB (read-only unless ``write``); never create one."""
-    from .store import Store
-
-    path = settings.bridge.state_path
-    if write and not path.is_file():
-        raise StoreError(f"no state database at {path}; has the daemon ever run with this config?")
-    return await Store.open(path, readonly=not write)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,10 +411,8 @@ async def run_resync(settings: Settings, customer: CustomerSettings, since: date
 
 async def _resync_walk(settings: Settings, store: Store, customer: CustomerSettings, since: date, out: TextIO) -> int:
     """Walk Whiplash from ``since`` and commit every page without moving the cursor."""
-    import aiohttp
-
-    from .sync import sync_window
-    from .whiplash import WhiplashClient
+    from .sync import sync_window  # deferred: only resync walks Whiplash; status and the rest skip the sync path
+    from .whiplash import WhiplashClient  # deferred with sync_window: the orders client is resync's alone
 
     start = midnight_utc(since)
     cid = customer.whiplash_customer_id
@@ -441,39 +432,6 @@ async def _resync_walk(settings: Settings, store: Store, customer: CustomerSetti
     pickup = PICKUP_NOTE.format("the new rows") if customer.enabled else "new rows wait until it is enabled again"
     print(f"the daemon's cursor was not moved; {pickup}" if stats.queued else "nothing was missing", file=out)
     return EX_OK
-
-
-async def token_conflict(settings: Settings, store: Store, now: datetime) -> str | None:
-    """Tell why a resync would break a running daemon's Whiplash token chain, or None when it cannot.
-
-    With ``grant = "refresh_token"`` Whiplash rotates the refresh token on every renewal and revokes the old
-    one; the daemon keeps its chain in memory, so a renewal made here would leave it holding a dead token.
-    A resync therefore only runs alongside the daemon when the stored access token will not need renewal.
-    """
-    from .status import stale_limit
-    from .whiplash import REFRESH_MARGIN, fingerprint
-
-    w = settings.whiplash
-    if w.grant != "refresh_token" or w.refresh_token is None:
-        return None
-    if not await _daemon_polling(settings, store, now, stale_limit(settings)):
-        return None
-    rec = await store.load_whiplash_token()
-    seed = fingerprint(w.refresh_token.get_secret_value())
-    if rec is not None and rec.seed_fingerprint == seed and rec.expires_at - now > REFRESH_MARGIN + TOKEN_HEADROOM:
-        return None
-    return ("the daemon is running with whiplash.grant = \"refresh_token\" and its Whiplash access token is due "
-            "for renewal; a renewal here would rotate the refresh token under the daemon. Retry in a few minutes, "
-            "once the daemon has renewed it, or stop the daemon first")
-
-
-async def _daemon_polling(settings: Settings, store: Store, now: datetime, limit: timedelta) -> bool:
-    """Tell whether any enabled customer completed or attempted a poll within ``limit`` (the daemon runs)."""
-    for customer in settings.enabled_customers():
-        last = (await store.customer_state(customer.whiplash_customer_id)).last_poll_at
-        if last is not None and now - last <= limit:
-            return True
-    return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -497,8 +455,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 async def backup(settings: Settings, dest: Path) -> tuple[int, bool]:
     """Write the copy and tell (size, whether the copy passes PRAGMA integrity_check)."""
-    from .store import Store
-
     store = await open_store(settings, write=False)
     try:
         size = await store.backup_into(dest)

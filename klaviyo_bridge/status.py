@@ -4,10 +4,9 @@ Invariants:
 - nothing here writes: the DB is opened read-only, so ``status`` can run as a health check at any time;
 - every time shown is UTC, and "today" is the UTC day (the same day boundary as ``launch_date``), so the
   numbers do not depend on the time zone of the shell that asks;
-- a customer is stale when it is enabled and has not completed a poll within 3 rounds, a round being
-  ``poll_interval_seconds`` or, when the Whiplash budget cannot poll every customer that often, the time it needs
-  (customers ÷ ``max_requests_per_second``); the daemon records a completed poll for pre-launch customers too, so
-  stale always means "not polling";
+- a customer is stale when it is enabled and has not completed a poll within 3 rounds (``alongside.stale_limit``,
+  the limit the commands also judge a running daemon by); the daemon records a completed poll for pre-launch
+  customers too, so stale always means "not polling";
 - the Whiplash budget's use is what the daemon last saved (every 10 s), with its age, so a stopped daemon shows;
 - no secret is needed: the config is read without resolving any, so a monitoring job needs no API key;
 - ``check`` (``status --check``) turns the rows into one monitoring-plugins line: CRITICAL for a stalled poll
@@ -20,12 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
+from .alongside import STALE_POLLS, round_seconds, stale_limit
 from .config import ALL_EVENTS, CustomerSettings, Settings
 from .core import midnight_utc
 from .exits import CHECK_CRITICAL, CHECK_OK, CHECK_WARNING
 from .store import CustomerState, Store
 
-STALE_POLLS = 3  # a customer is stale after this many poll intervals without a completed poll
 # An upstream failing this long, or a row waiting this long, is worth a WARNING (shorter blips retry by themselves).
 STREAK_WARN = timedelta(minutes=5)
 QUEUE_WARN = timedelta(minutes=15)
@@ -70,17 +69,6 @@ class StatusRow:
         if not self.enabled:
             return False
         return self.poll_age_s is None or self.poll_age_s > limit.total_seconds()
-
-
-def round_seconds(settings: Settings) -> float:
-    """Return how long one round of polls takes: the interval, or longer when the budget cannot keep up with it."""
-    needed = len(settings.enabled_customers()) / settings.whiplash.max_requests_per_second
-    return max(settings.bridge.poll_interval_seconds, needed)
-
-
-def stale_limit(settings: Settings) -> timedelta:
-    """Return how long an enabled customer may go without a completed poll before it counts as stale."""
-    return timedelta(seconds=STALE_POLLS * round_seconds(settings))
 
 
 def start_of_day(now: datetime) -> datetime:

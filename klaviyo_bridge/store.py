@@ -82,7 +82,7 @@ from .store_rows import (
     with_poll,
 )
 from .store_schema import SCHEMA_VERSION, fetch_all, fetch_one, reserve_private_file
-from .whiplash import TokenRecord
+from .whiplash_auth import TokenRecord
 
 
 class Store(DeliveryStore):

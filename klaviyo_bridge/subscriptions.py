@@ -21,14 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
+import aiohttp
+
+from .alongside import open_store, token_conflict
+from .clock import utcnow
 from .config import load_or_report
 from .errors import BridgeError, StoreError
 from .exits import CONFIG_HELP, EX_CONFIG, EX_FATAL, EX_OK, EX_TEMPFAIL, EX_USAGE
+from .whiplash_auth import TokenManager
 
 if TYPE_CHECKING:
     from .config import Settings
     from .notifications import NotificationClient, NotificationEvent, Subscription
-    from .whiplash import TokenRecord, TokenVault
+    from .whiplash_auth import TokenRecord, TokenVault
 
 # The order events worth a wake-up (a status the bridge announces may have changed). Those the fact sheet lists
 # as CONFIRMED, plus order.status_changed and order.packed, whose API names are INFERRED from the UI's; a name
@@ -98,18 +103,12 @@ def _usage_problem(settings: Settings, customer_id: int, url: str) -> str | None
 
 async def _with_client(settings: Settings, work: Callable[[NotificationClient], Awaitable[int]]) -> int:
     """Run ``work(client)`` with a notification client on the configured application; map failures to codes."""
-    import aiohttp
-
-    from .budget import WhiplashBudget
-    from .notifications import NotificationClient
-    from .whiplash import TokenManager, WhiplashAuth
+    from .notifications import NotificationClient  # deferred: only `webhooks` needs the notification API client
 
     w = settings.whiplash
-    auth = WhiplashAuth(w.base_url, w.grant, w.client_id, w.client_secret, w.refresh_token, w.scope)
     try:
         async with aiohttp.ClientSession() as session, _token_vault(settings) as vault:
-            budget = WhiplashBudget(w.max_requests_per_second, w.max_concurrent_requests)
-            tokens = TokenManager(session, auth, vault, timeout=w.timeout_seconds, budget=budget)
+            tokens = TokenManager.from_settings(w, session, vault)
             return await work(NotificationClient(session, tokens, base_url=w.base_url, timeout=w.timeout_seconds))
     except _Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -144,9 +143,6 @@ async def _token_vault(settings: Settings) -> AsyncIterator[TokenVault]:
     if settings.whiplash.grant != "refresh_token":
         yield _MemoryVault()
         return
-    from .clock import utcnow
-    from .ops import open_store, token_conflict
-
     try:
         store = await open_store(settings, write=True)
     except StoreError as exc:

@@ -5,20 +5,13 @@ from __future__ import annotations
 import logging
 
 import pytest
+from kit.fakeclock import FakeClock
 
 from klaviyo_bridge.errors import AuthFailed, TransientUpstream
 from klaviyo_bridge.health import UpstreamHealth
 from klaviyo_bridge.metrics import Metrics
 
-
-class Tick:
-    """A monotonic clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+START = 100.0  # the monotonic clock's reading when a test begins
 
 
 def lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
@@ -31,15 +24,15 @@ def test_an_outage_of_many_customers_is_one_warning_and_one_info(caplog: pytest.
     start. Result: one WARNING (first failure, with status and reason), DEBUG for the others, and one INFO
     only when the last failing customer recovers, with the outage's length and counts."""
     caplog.set_level(logging.DEBUG, logger="klaviyo_bridge.health")
-    clock = Tick()
+    clock = FakeClock(START)
     health = UpstreamHealth("whiplash", clock=clock)
     health.failed(1, TransientUpstream("whiplash", 503, "HTML page \"Service Unavailable\" (120 bytes)"))
-    clock.now += 2
+    clock.advance(2)
     health.failed(2, TransientUpstream("whiplash", 502, "bad gateway"))
     health.failed(1, TransientUpstream("whiplash", 503, "again"))
     assert health.is_failing(1)
     assert health.streak_s(1) == 2.0
-    clock.now += 40
+    clock.advance(40)
     health.succeeded(1)
     assert not health.is_failing(1)
     assert health.streak_s(1) is None
@@ -54,7 +47,7 @@ def test_an_outage_of_many_customers_is_one_warning_and_one_info(caplog: pytest.
 
 def test_refused_credentials_start_an_outage_at_error(caplog: pytest.LogCaptureFixture) -> None:
     """1. The first failure is a 401. Result: the start line is an ERROR (retrying alone will not fix it)."""
-    health = UpstreamHealth("whiplash", clock=Tick())
+    health = UpstreamHealth("whiplash", clock=FakeClock(START))
     health.failed(7, AuthFailed("whiplash", 401, "invalid_client"))
     [(level, message)] = lines(caplog)
     assert level == logging.ERROR
@@ -65,10 +58,10 @@ def test_metrics_count_errors_and_follow_the_streak() -> None:
     """1. Two failures 5 s apart, then a success. Result: the error counter says 2, the streak gauge 5 s while
     failing and 0 after the success; other customers' series are untouched."""
     metrics = Metrics()
-    clock = Tick()
+    clock = FakeClock(START)
     health = UpstreamHealth("klaviyo", metrics=metrics, clock=clock)
     health.failed(3, TransientUpstream("klaviyo", 503, "x"))
-    clock.now += 5
+    clock.advance(5)
     health.failed(3, TransientUpstream("klaviyo", 503, "x"))
 
     def sample(name: str) -> float | None:

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from klaviyo_bridge import logs
+from klaviyo_bridge.alongside import token_conflict
 from klaviyo_bridge.cli import main
 from klaviyo_bridge.config import CustomerSettings, Settings, load_config
 from klaviyo_bridge.core import EventKind, EventRow, Plan, ProfileChange, ProfileName
@@ -27,12 +28,12 @@ from klaviyo_bridge.ops import (
     response_excerpt,
     resync_refusal,
     run_resync,
-    token_conflict,
 )
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash
 from klaviyo_bridge.store import Store
 from klaviyo_bridge.sync import sync_window
-from klaviyo_bridge.whiplash import TokenRecord, WhiplashClient, fingerprint
+from klaviyo_bridge.whiplash import WhiplashClient
+from klaviyo_bridge.whiplash_auth import TokenRecord, fingerprint
 
 CLIENT_ID = "ops-test-client"
 WHIPLASH_SECRET = "ops-test-whiplash-secret"

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from kit.fakeclock import FakeClock
 
 from klaviyo_bridge.sandbox.whiplash import (
     STATUS_NAMES,
@@ -32,14 +33,7 @@ MARCH = datetime(2026, 3, 13, 15, 39, 21, tzinfo=UTC)  # after the US switch to 
 JANUARY = datetime(2026, 1, 13, 15, 0, 0, tzinfo=UTC)  # EST (-05:00)
 
 
-class Wall:
-    """A settable stand-in for time.time, for token expiry."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+WALL_START = 1_800_000_000.0  # the epoch clock (time.time's stand-in, for token expiry) when a test begins
 
 
 @dataclass
@@ -96,12 +90,12 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def wall() -> Wall:
-    return Wall()
+def wall() -> FakeClock:
+    return FakeClock(WALL_START)
 
 
 @pytest.fixture
-def fake(clock: ManualClock, wall: Wall) -> FakeWhiplash:
+def fake(clock: ManualClock, wall: FakeClock) -> FakeWhiplash:
     return FakeWhiplash(CLIENT_ID, CLIENT_SECRET, refresh_token=FIRST_REFRESH, token_ttl=60, clock=clock,
                         wall=wall)
 
@@ -214,15 +208,15 @@ async def test_every_issued_token_is_remembered_in_order(client: Client, fake: F
     assert served.headers["Cache-Control"] == "no-store"
 
 
-async def test_a_token_ttl_of_a_few_seconds_is_honoured(clock: ManualClock, wall: Wall) -> None:
+async def test_a_token_ttl_of_a_few_seconds_is_honoured(clock: ManualClock, wall: FakeClock) -> None:
     fake = FakeWhiplash(CLIENT_ID, CLIENT_SECRET, token_ttl=3, clock=clock, wall=wall)
     async with serve_whiplash(fake) as base_url, aiohttp.ClientSession() as http:
         client = Client(http, base_url)
         login = await client.token_request(grant_type="client_credentials")
         client.token = login.json()["access_token"]
-        wall.now += 2.9
+        wall.advance(2.9)
         live = await client.orders()
-        wall.now += 0.1
+        wall.advance(0.1)
         expired = await client.orders()
 
     assert login.json()["expires_in"] == 3
@@ -277,9 +271,9 @@ async def test_api_without_or_with_unknown_token_is_401(client: Client, fake: Fa
     assert fake.counters.unauthorized == 2
 
 
-async def test_expired_access_token_is_401(authed: Client, wall: Wall) -> None:
+async def test_expired_access_token_is_401(authed: Client, wall: FakeClock) -> None:
     fresh = await authed.orders()
-    wall.now += 61
+    wall.advance(61)
     expired = await authed.orders()
 
     assert fresh.status == 200

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from klaviyo_bridge import logs
+from klaviyo_bridge.alongside import round_seconds, stale_limit
 from klaviyo_bridge.cli import main
 from klaviyo_bridge.config import CustomerSettings, load_config
 from klaviyo_bridge.core import EventKind, EventRow, Plan, ProfileChange, ProfileName
@@ -29,7 +30,6 @@ from klaviyo_bridge.status import (
     check,
     phase_of,
     render_status,
-    stale_limit,
     start_of_day,
     status_rows,
 )
@@ -344,7 +344,7 @@ def test_budget_line_and_rounds_the_budget_lengthens(tmp_path: Path) -> None:
     """1,000 enabled customers at 60 s with 10 requests/s: a round takes 100 s, so a customer is stale only after
     3 rounds (300 s), and the budget line says rounds are longer than the interval; the daemon's last saved use is
     shown with its age; without one, the line says none was recorded."""
-    from klaviyo_bridge.status import budget_line, round_seconds
+    from klaviyo_bridge.status import budget_line
 
     settings = load_config(write_config(tmp_path, [Cust(1, date(2026, 1, 1))])).settings
     many = [settings.customers[0].model_copy(update={"whiplash_customer_id": 20_000 + i}) for i in range(1000)]

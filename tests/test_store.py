@@ -21,7 +21,7 @@ from klaviyo_bridge import store as store_module
 from klaviyo_bridge.core import EventKind, EventRow, NameSource, OrderMemory, Plan, ProfileChange, ProfileName
 from klaviyo_bridge.errors import MalformedOrder, StoreError
 from klaviyo_bridge.store import SCHEMA_VERSION, OutboxRow, Store
-from klaviyo_bridge.whiplash import TokenRecord
+from klaviyo_bridge.whiplash_auth import TokenRecord
 
 NOW = datetime(2026, 3, 2, 12, 0, 0, 123456, tzinfo=UTC)
 CID = 42

@@ -23,7 +23,8 @@ from klaviyo_bridge.errors import BridgeError
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash
 from klaviyo_bridge.store import CustomerState, Store
 from klaviyo_bridge.sync import PageHook, SyncStats, sync_window
-from klaviyo_bridge.whiplash import Page, TokenManager, WhiplashAuth, WhiplashClient
+from klaviyo_bridge.whiplash import Page, WhiplashClient
+from klaviyo_bridge.whiplash_auth import TokenManager, WhiplashAuth
 
 CID = 7
 CLIENT_ID, CLIENT_SECRET = "sync-client", "sync-secret-value-1"

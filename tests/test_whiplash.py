@@ -24,15 +24,8 @@ from klaviyo_bridge.errors import (
     RateLimited,
     TransientUpstream,
 )
-from klaviyo_bridge.whiplash import (
-    Page,
-    TokenManager,
-    TokenRecord,
-    WhiplashAuth,
-    WhiplashClient,
-    error_detail,
-    fingerprint,
-)
+from klaviyo_bridge.whiplash import Page, WhiplashClient
+from klaviyo_bridge.whiplash_auth import TokenManager, TokenRecord, WhiplashAuth, error_detail, fingerprint
 
 BASE = "http://whiplash.test"
 TOKEN_URL = f"{BASE}/oauth/token"

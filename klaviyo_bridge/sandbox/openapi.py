@@ -144,9 +144,9 @@ def _request_schema_name(spec: Mapping[str, Any], method: str, path: str) -> str
 
 def _build_validators(spec: Mapping[str, Any], roots: Mapping[str, str]) -> dict[str, Any]:
     """Compile one OAS30Validator per operation over a registry holding the reachable schemas."""
-    from openapi_schema_validator import OAS30Validator, oas30_format_checker
-    from referencing import Registry, Resource
-    from referencing.jsonschema import DRAFT4
+    from openapi_schema_validator import OAS30Validator, oas30_format_checker  # deferred: optional; hand rules if not
+    from referencing import Registry, Resource  # deferred with it: openapi-schema-validator installs it
+    from referencing.jsonschema import DRAFT4  # (the same)
 
     schemas = _reachable_schemas(spec.get("components", {}).get("schemas", {}), roots.values())
     document = {"components": {"schemas": schemas}}

@@ -102,8 +102,8 @@ def build_sandbox(
     spec_path: Path | Literal["auto"] | None = "auto",
 ) -> Sandbox:
     """Create the simulators: order history over ``days`` per customer, one Klaviyo account per customer."""
-    from .klaviyo import FakeKlaviyo
-    from .whiplash import FakeWhiplash, OrderScript
+    from .klaviyo import FakeKlaviyo  # deferred: the simulators load only when a sandbox is built
+    from .whiplash import FakeWhiplash, OrderScript  # (the same: `status` and the CLI's start stay fast)
 
     whiplash = FakeWhiplash(CLIENT_ID, CLIENT_SECRET, seed=seed)
     klaviyo = FakeKlaviyo(spec_path=spec_path, seed=seed)
@@ -132,8 +132,8 @@ async def serve_sandbox(
     sandbox: Sandbox, host: str = "127.0.0.1", port: int = 0, *, access_log: bool = False,
 ) -> AsyncIterator[SandboxUrls]:
     """Serve Whiplash on ``port`` and Klaviyo on ``port + 1`` (both free ports when ``port`` is 0)."""
-    from .klaviyo import serve_klaviyo
-    from .whiplash import serve_whiplash
+    from .klaviyo import serve_klaviyo  # deferred: the simulators load only when a sandbox is served
+    from .whiplash import serve_whiplash  # (the same: `status` and the CLI's start stay fast)
 
     async with AsyncExitStack() as stack:
         w_url = await stack.enter_async_context(serve_whiplash(sandbox.whiplash, host, port, access_log=access_log))

@@ -32,7 +32,8 @@ from klaviyo_bridge.ratelimit import AccountLimiter
 from klaviyo_bridge.sandbox.klaviyo import Account, FakeKlaviyo, serve_klaviyo
 from klaviyo_bridge.sandbox.whiplash import FakeWhiplash, serve_whiplash
 from klaviyo_bridge.store import Store
-from klaviyo_bridge.whiplash import TokenManager, WhiplashAuth, WhiplashClient
+from klaviyo_bridge.whiplash import WhiplashClient
+from klaviyo_bridge.whiplash_auth import TokenManager, WhiplashAuth
 from klaviyo_bridge.worker import CustomerWorker
 
 T = TypeVar("T")

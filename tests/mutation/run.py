@@ -53,6 +53,7 @@ MODULES: dict[str, Module] = {
     "ratelimit": Module(("tests/test_ratelimit.py",), floor=97.0),
     "slices": Module(("tests/test_slices.py",), floor=97.0),
     "config": Module(("tests/test_config.py",), floor=97.0),
+    "config_fields": Module(("tests/test_config.py",), floor=97.0),
     "config_secrets": Module(("tests/test_config.py",), floor=97.0),
     "config_problems": Module(("tests/test_config.py",), floor=97.0),
     "config_env": Module(("tests/test_config.py",), floor=97.0),
