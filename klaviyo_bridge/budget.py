@@ -62,6 +62,7 @@ def round_seconds(customers: int, per_second: float, interval: float) -> float:
     customer once per interval (then rounds lengthen evenly, to customers ÷ budget)."""
     return max(interval, customers / per_second)
 
+
 @dataclass(frozen=True, slots=True)
 class BudgetUsage:
     """What the budget is doing now, for ``status``, the metrics and systemd's STATUS= line."""

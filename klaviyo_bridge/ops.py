@@ -103,11 +103,15 @@ def _load(args: argparse.Namespace, *, resolve_secrets: bool = False) -> Setting
     return None if loaded is None else loaded.settings
 
 
-def _unknown_customer(settings: Settings, customer_id: int | None) -> int | None:
-    """Return EX_USAGE (after saying so) when ``--customer`` names no configured customer."""
-    if customer_id is None or _find_customer(settings, customer_id) is not None:
-        return None
-    return _fail(f"customer {customer_id} is not in the config (see `klaviyo-bridge status`)", EX_USAGE)
+def _dead_letter_settings(args: argparse.Namespace) -> Settings | int:
+    """Load the config for a dead-letters command; return the exit code instead when it is unusable or
+    ``--customer`` names no configured customer (after saying so)."""
+    settings = _load(args)
+    if settings is None:
+        return EX_CONFIG
+    if args.customer is None or _find_customer(settings, args.customer) is not None:
+        return settings
+    return _fail(f"customer {args.customer} is not in the config (see `klaviyo-bridge status`)", EX_USAGE)
 
 
 def _fail(message: str, code: int = EX_FATAL) -> int:
@@ -127,12 +131,9 @@ def plural(n: int, noun: str) -> str:
 
 def cmd_dead_list(args: argparse.Namespace) -> int:
     """Print one line per dead letter."""
-    settings = _load(args)
-    if settings is None:
-        return EX_CONFIG
-    unknown = _unknown_customer(settings, args.customer)
-    if unknown is not None:
-        return unknown
+    settings = _dead_letter_settings(args)
+    if isinstance(settings, int):
+        return settings
     try:
         rows = asyncio.run(_dead_rows(settings, args.customer))
     except StoreError as exc:
@@ -303,12 +304,9 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
         return _fail("say which dead letters to replay: ids, --customer ID, or --all", EX_USAGE)
     if ids and args.all:
         return _fail("give either ids or --all, not both", EX_USAGE)
-    settings = _load(args)
-    if settings is None:
-        return EX_CONFIG
-    unknown = _unknown_customer(settings, args.customer)
-    if unknown is not None:
-        return unknown
+    settings = _dead_letter_settings(args)
+    if isinstance(settings, int):
+        return settings
     try:
         _, missing = asyncio.run(replay(settings, args.customer, ids or None, sys.stdout))
     except StoreError as exc:

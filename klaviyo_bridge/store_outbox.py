@@ -33,6 +33,7 @@ RowKind = Literal["profile", "event"]
 # A row still to send: neither sent nor dead-lettered (a WHERE fragment every pending-row statement uses).
 PENDING: Final = "sent_at IS NULL AND dead_at IS NULL"
 
+
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
     """One queued delivery."""
@@ -46,6 +47,7 @@ class OutboxRow:
     attempts: int
     history: bool = False  # backfill: goes out in full bulk requests, not one by one
 
+
 @dataclass(frozen=True, slots=True)
 class Counts:
     """Outbox and malformed-order counts of one customer."""
@@ -57,6 +59,7 @@ class Counts:
     malformed: int
     invalid_email: int = 0  # orders whose email is not an address: no profile, no event
     oldest_queued_at: datetime | None = None  # when the oldest row still waiting was queued
+
 
 @dataclass(frozen=True, slots=True)
 class DeadRow:
@@ -70,6 +73,7 @@ class DeadRow:
     response: str
     dead_at: datetime
     attempts: int
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -88,6 +92,7 @@ class DeadLetter:
     last_error: str | None  # the last transient failure before it died, if any
     response: str  # Klaviyo's answer that killed it (clipped)
 
+
 @dataclass(frozen=True, slots=True)
 class Totals:
     """Counts over many customers at once (systemd's STATUS= line)."""
@@ -97,17 +102,21 @@ class Totals:
     dead: int
     key_refused: int
 
+
 def _json(obj: object) -> str:
     """Render ``obj`` as canonical JSON, byte-stable across runs."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
 
 def _opt_int(value: object) -> int | None:
     """Return a stored INTEGER that may be NULL."""
     return None if value is None else int(cast(int, value))
 
+
 def _profile_payload(change: ProfileChange) -> str:
     """Return the profile row payload: the Klaviyo profile attributes the mapping core chose."""
     return _json(change.attributes())
+
 
 def _event_payload(event: EventRow) -> str:
     """Return the event row payload, refusing one whose ``unique_id`` disagrees with the row key."""
@@ -115,43 +124,43 @@ def _event_payload(event: EventRow) -> str:
         raise ValueError(f"event payload unique_id differs from row key {event.unique_id!r}")
     return _json(event.payload)
 
+
 def is_history_event(event: EventRow) -> bool:
     """Tell whether an event is history: recorded with ``backfill``, it fires no flow."""
     return event.payload.get("backfill") is True
 
+
+def _identity(row: sqlite3.Row) -> tuple[int, int, RowKind, str]:
+    """Return what every outbox row type starts with, in field order: id, customer id, kind and key."""
+    return int(row["id"]), int(row["customer_id"]), cast(RowKind, row["kind"]), str(row["key"])
+
+
 def outbox_row(row: sqlite3.Row) -> OutboxRow:
     """Build an OutboxRow from a selected row."""
     return OutboxRow(
-        id=int(row["id"]),
-        customer_id=int(row["customer_id"]),
-        kind=cast(RowKind, row["kind"]),
-        key=str(row["key"]),
+        *_identity(row),
         payload=str(row["payload"]),
         version=int(row["version"]),
         attempts=int(row["attempts"]),
         history=bool(row["history"]),
     )
 
+
 def dead_row(row: sqlite3.Row) -> DeadRow:
     """Build a DeadRow from a selected row."""
     return DeadRow(
-        id=int(row["id"]),
-        customer_id=int(row["customer_id"]),
-        kind=cast(RowKind, row["kind"]),
-        key=str(row["key"]),
+        *_identity(row),
         status=_opt_int(row["last_status"]),
         response=str(row["response"] or ""),
         dead_at=parse_dt(row["dead_at"]),
         attempts=int(row["attempts"]),
     )
 
+
 def dead_letter(row: sqlite3.Row) -> DeadLetter:
     """Build a DeadLetter from a selected row."""
     return DeadLetter(
-        id=int(row["id"]),
-        customer_id=int(row["customer_id"]),
-        kind=cast(RowKind, row["kind"]),
-        key=str(row["key"]),
+        *_identity(row),
         payload=str(row["payload"]),
         version=int(row["version"]),
         attempts=int(row["attempts"]),
@@ -161,6 +170,7 @@ def dead_letter(row: sqlite3.Row) -> DeadLetter:
         last_error=opt_str(row["last_error"]),
         response=str(row["response"] or ""),
     )
+
 
 def dead_filter(customer_id: int | None, ids: Sequence[int] | None) -> tuple[str, list[object]]:
     """Return the WHERE clause (and its parameters) selecting dead rows of a customer and/or ids."""
@@ -195,6 +205,7 @@ _REQUEUE_PROFILE: Final = """UPDATE outbox SET payload = ?, version = version + 
 _LIVEN_PROFILE: Final = f"""UPDATE outbox SET history = 0
     WHERE customer_id = ? AND kind = 'profile' AND key = ? AND history = 1 AND {PENDING}"""
 
+
 async def _profile_rows(
     db: aiosqlite.Connection, customer_id: int, emails: Sequence[str]
 ) -> dict[str, tuple[str, bool]]:
@@ -209,6 +220,7 @@ async def _profile_rows(
         )
         found.update((str(r[0]), (str(r[1]), bool(r[2]))) for r in rows)
     return found
+
 
 async def queue_profiles(
     db: aiosqlite.Connection, customer_id: int, changes: Iterable[ProfileChange], now: datetime
@@ -233,6 +245,7 @@ async def queue_profiles(
     await run_many(db, _REQUEUE_PROFILE, requeued)
     return len(fresh) + len(requeued)
 
+
 async def queue_events(
     db: aiosqlite.Connection, customer_id: int, events: Sequence[EventRow], now: datetime
 ) -> int:
@@ -252,6 +265,7 @@ async def queue_events(
     await run_many(db, _LIVEN_PROFILE, [(customer_id, email) for email in sorted(live_emails)])
     return inserted
 
+
 async def mark_rows_sent(db: aiosqlite.Connection, rows: Iterable[OutboxRow], now: datetime) -> int:
     """Mark rows sent, each only in the version that was sent (a replaced row stays pending); return how many."""
     stamp = iso(now)
@@ -259,6 +273,7 @@ async def mark_rows_sent(db: aiosqlite.Connection, rows: Iterable[OutboxRow], no
         db, f"UPDATE outbox SET sent_at = ? WHERE id = ? AND version = ? AND {PENDING}",
         [(stamp, row.id, row.version) for row in rows],
     )
+
 
 async def delete_pending_events(db: aiosqlite.Connection, customer_id: int, kinds: Sequence[str]) -> int:
     """Delete the customer's unsent event rows announcing any of these milestones; return how many went."""
@@ -270,6 +285,7 @@ async def delete_pending_events(db: aiosqlite.Connection, customer_id: int, kind
         db, f"DELETE FROM outbox WHERE customer_id = ? AND kind = 'event' AND {PENDING} AND ({matches})",
         (customer_id, *(value for kind in kinds for value in (kind, kind, kind))),
     )
+
 
 async def read_counts(db: aiosqlite.Connection, customer_id: int, since: datetime) -> Counts:
     """Count the customer's rows by state, its malformed and invalid-email orders, and its oldest waiting row."""
@@ -293,6 +309,7 @@ async def read_counts(db: aiosqlite.Connection, customer_id: int, since: datetim
     return Counts(queued=q, sent=s, sent_since=ss, dead=d, malformed=malformed, invalid_email=invalid,
                   oldest_queued_at=oldest)
 
+
 async def read_totals(db: aiosqlite.Connection, customer_ids: Iterable[int], since: datetime) -> Totals:
     """Count queued, recently sent and dead rows, and refused keys, of these customers in one statement."""
     ids = json.dumps(sorted(customer_ids))
@@ -307,6 +324,7 @@ async def read_totals(db: aiosqlite.Connection, customer_ids: Iterable[int], sin
     )
     values = (0, 0, 0, 0) if row is None else tuple(int(v) for v in tuple(row))
     return Totals(*values)
+
 
 async def compact(db: aiosqlite.Connection, cutoff: str) -> int:
     """Blank the payloads of events sent before ``cutoff`` and delete profile rows sent before it."""

@@ -44,6 +44,7 @@ class CustomerState:
     dropped_rows: int = 0  # queued rows dropped because their event was disabled for this customer
     poll_interval_s: float | None = None  # seconds between the last two polls: the interval really achieved
 
+
 @dataclass(frozen=True, slots=True)
 class PendingPoll:
     """Poll outcomes of one customer recorded since the last write, merged: what the row will say."""
@@ -71,11 +72,13 @@ _NAME_SOURCES: Final[tuple[NameSource, ...]] = ("none", "company", "real")  # st
 
 _NO_ORDER_ID: Final = 0  # malformed orders without a readable id share this key (Whiplash ids are > 0)
 
+
 def iso(dt: datetime) -> str:
     """Render an aware datetime as the one UTC text format stored everywhere."""
     if dt.tzinfo is None:
         raise ValueError("naive datetime given to the store; pass an aware (UTC) datetime")
     return dt.astimezone(UTC).isoformat(timespec="microseconds")
+
 
 def epoch(dt: datetime) -> int:
     """Return an aware datetime as whole epoch seconds (the compact form kept per order)."""
@@ -83,21 +86,26 @@ def epoch(dt: datetime) -> int:
         raise ValueError("naive datetime given to the store; pass an aware (UTC) datetime")
     return int(dt.timestamp())
 
+
 def parse_dt(text: object) -> datetime:
     """Parse a stored datetime."""
     return datetime.fromisoformat(str(text))
+
 
 def opt_dt(text: object) -> datetime | None:
     """Parse a stored datetime that may be NULL."""
     return None if text is None else parse_dt(text)
 
+
 def opt_str(value: object) -> str | None:
     """Return a stored TEXT that may be NULL."""
     return None if value is None else str(value)
 
+
 def clip(text: str | None) -> str | None:
     """Bound a free-form text so one noisy error cannot bloat the database."""
     return None if text is None else text[:_MAX_TEXT]
+
 
 def chunks(items: Iterable[T], size: int = CHUNK) -> Iterator[list[T]]:
     """Yield ``items`` in lists of at most ``size``."""
@@ -110,9 +118,11 @@ def chunks(items: Iterable[T], size: int = CHUNK) -> Iterator[list[T]]:
     if chunk:
         yield chunk
 
+
 def marks(n: int) -> str:
     """Return ``n`` comma-separated SQL placeholders."""
     return ",".join("?" * n)
+
 
 def _bits(kinds: Iterable[EventKind]) -> int:
     """Encode announced events as a bitmask."""
@@ -121,13 +131,16 @@ def _bits(kinds: Iterable[EventKind]) -> int:
         mask |= EVENT_BITS[kind]
     return mask
 
+
 def kinds(mask: int) -> frozenset[EventKind]:
     """Decode a bitmask of announced events."""
     return frozenset(kind for kind, bit in EVENT_BITS.items() if mask & bit)
 
+
 async def ensure_customer(db: aiosqlite.Connection, customer_id: int) -> None:
     """Insert the customer row if it is missing."""
     await db.execute("INSERT INTO customers (customer_id) VALUES (?) ON CONFLICT DO NOTHING", (customer_id,))
+
 
 async def upsert_orders(
     db: aiosqlite.Connection, customer_id: int, orders: Mapping[int, OrderMemory], status_at: Mapping[int, int]
@@ -145,6 +158,7 @@ async def upsert_orders(
         [(customer_id, oid, mem.status, _bits(mem.announced), status_at[oid]) for oid, mem in orders.items()],
     )
 
+
 async def upsert_names(db: aiosqlite.Connection, customer_id: int, names: Mapping[str, ProfileName]) -> None:
     """Store the names now considered sent, leaving profile ids and list membership alone."""
     await run_many(
@@ -160,6 +174,7 @@ async def upsert_names(db: aiosqlite.Connection, customer_id: int, names: Mappin
         ],
     )
 
+
 async def clear_malformed(db: aiosqlite.Connection, customer_id: int, order_ids: Iterable[int]) -> None:
     """Forget malformed records of orders that have now been read successfully."""
     await run_many(
@@ -167,6 +182,7 @@ async def clear_malformed(db: aiosqlite.Connection, customer_id: int, order_ids:
         "DELETE FROM malformed WHERE customer_id = ? AND order_id = ?",
         [(customer_id, oid) for oid in order_ids],
     )
+
 
 async def record_malformed(
     db: aiosqlite.Connection, customer_id: int, malformed: Sequence[MalformedOrder], now: datetime
@@ -185,6 +201,7 @@ async def record_malformed(
         ],
     )
 
+
 async def record_invalid_emails(
     db: aiosqlite.Connection, customer_id: int, flags: Mapping[int, bool], now: datetime
 ) -> None:
@@ -202,6 +219,7 @@ async def record_invalid_emails(
         [(customer_id, oid) for oid, bad in flags.items() if not bad],
     )
 
+
 async def count_dropped(db: aiosqlite.Connection, customer_id: int, dropped: int) -> None:
     """Add ``dropped`` to the customer's count of rows dropped because their event was disabled."""
     if dropped:
@@ -209,12 +227,14 @@ async def count_dropped(db: aiosqlite.Connection, customer_id: int, dropped: int
         await db.execute("UPDATE customers SET dropped_rows = dropped_rows + ? WHERE customer_id = ?",
                          (dropped, customer_id))
 
+
 async def set_cursor(db: aiosqlite.Connection, customer_id: int, cursor: tuple[datetime, int]) -> None:
     """Move the customer's cursor."""
     await db.execute(
         "UPDATE customers SET cursor_ts = ?, cursor_id = ? WHERE customer_id = ?",
         (iso(cursor[0]), cursor[1], customer_id),
     )
+
 
 async def record_profile_id(db: aiosqlite.Connection, customer_id: int, email: str, profile_id: str) -> None:
     """Remember Klaviyo's profile id; a new or changed id must (re)join the list."""
@@ -224,6 +244,7 @@ async def record_profile_id(db: aiosqlite.Connection, customer_id: int, email: s
              on_list = CASE WHEN profile_id IS excluded.profile_id THEN on_list ELSE 0 END""",
         (customer_id, email, profile_id),
     )
+
 
 def customer_state(customer_id: int, row: sqlite3.Row | None) -> CustomerState:
     """Build a CustomerState from the customers row, or defaults when there is none."""
@@ -248,6 +269,7 @@ def customer_state(customer_id: int, row: sqlite3.Row | None) -> CustomerState:
         poll_interval_s=None if row["poll_interval_s"] is None else float(row["poll_interval_s"]),
     )
 
+
 def merge_poll(
     prev: PendingPoll | None, at: datetime, ok: bool, error: str | None, interval_s: float | None
 ) -> PendingPoll:
@@ -255,6 +277,7 @@ def merge_poll(
     ok_at = at if ok else (prev.ok_at if prev is not None else None)
     interval = interval_s if interval_s is not None else (prev.interval_s if prev is not None else None)
     return PendingPoll(at, ok_at, None if ok else error, interval)
+
 
 def with_poll(state: CustomerState, poll: PendingPoll | None) -> CustomerState:
     """Return ``state`` as it will read once ``poll`` is written."""
@@ -268,6 +291,7 @@ def with_poll(state: CustomerState, poll: PendingPoll | None) -> CustomerState:
         poll_interval_s=poll.interval_s if poll.interval_s is not None else state.poll_interval_s,
     )
 
+
 async def write_polls(db: aiosqlite.Connection, polls: Mapping[int, PendingPoll]) -> None:
     """Write merged poll outcomes of many customers (inside the caller's transaction)."""
     await run_many(db, "INSERT INTO customers (customer_id) VALUES (?) ON CONFLICT DO NOTHING",
@@ -279,6 +303,7 @@ async def write_polls(db: aiosqlite.Connection, polls: Mapping[int, PendingPoll]
            WHERE customer_id = ?""",
         [(iso(p.at), iso(p.ok_at) if p.ok_at else None, p.error, p.interval_s, cid) for cid, p in polls.items()],
     )
+
 
 def profile_name(row: sqlite3.Row) -> ProfileName:
     """Build a ProfileName from a profiles row."""
@@ -293,19 +318,23 @@ def profile_name(row: sqlite3.Row) -> ProfileName:
 # --- statements behind the Store's reads --------------------------------------------------------------
 
 
+async def rows_in(
+    db: aiosqlite.Connection, select: str, column: str, customer_id: int, values: Iterable[object]
+) -> list[sqlite3.Row]:
+    """Return the customer's rows of ``select`` (``SELECT … FROM table``) whose ``column`` is one of ``values``,
+    asked in chunks so no statement passes SQLite's limit on parameters."""
+    found: list[sqlite3.Row] = []
+    for chunk in chunks(dict.fromkeys(values)):
+        found += await fetch_all(db, f"{select} WHERE customer_id = ? AND {column} IN ({marks(len(chunk))})",
+                                 (customer_id, *chunk))
+    return found
+
+
 async def read_memory(db: aiosqlite.Connection, customer_id: int, order_ids: Iterable[int]) -> dict[int, OrderMemory]:
     """Return the remembered status and announced events of those orders the store knows."""
-    found: dict[int, OrderMemory] = {}
-    for chunk in chunks(dict.fromkeys(order_ids)):
-        rows = await fetch_all(
-            db,
-            "SELECT order_id, status, announced FROM orders "
-            f"WHERE customer_id = ? AND order_id IN ({marks(len(chunk))})",
-            (customer_id, *chunk),
-        )
-        for r in rows:
-            found[int(r["order_id"])] = OrderMemory(int(r["status"]), kinds(int(r["announced"])))
-    return found
+    rows = await rows_in(db, "SELECT order_id, status, announced FROM orders", "order_id", customer_id, order_ids)
+    return {int(r["order_id"]): OrderMemory(int(r["status"]), kinds(int(r["announced"]))) for r in rows}
+
 
 async def read_customer_of_order(db: aiosqlite.Connection, order_id: int) -> int | None:
     """Return the customer whose order memory holds ``order_id`` (the lowest id, should two ever share it)."""
@@ -318,15 +347,8 @@ async def read_customer_of_order(db: aiosqlite.Connection, order_id: int) -> int
     )
     return None if row is None or row[0] is None else int(row[0])
 
+
 async def read_names(db: aiosqlite.Connection, customer_id: int, emails: Iterable[str]) -> dict[str, ProfileName]:
     """Return the name last queued for each known email."""
-    found: dict[str, ProfileName] = {}
-    for chunk in chunks(dict.fromkeys(emails)):
-        rows = await fetch_all(
-            db,
-            "SELECT email, first_name, last_name, organization, name_source FROM profiles "
-            f"WHERE customer_id = ? AND email IN ({marks(len(chunk))})",
-            (customer_id, *chunk),
-        )
-        found.update((str(r["email"]), profile_name(r)) for r in rows)
-    return found
+    select = "SELECT email, first_name, last_name, organization, name_source FROM profiles"
+    return {str(r["email"]): profile_name(r) for r in await rows_in(db, select, "email", customer_id, emails)}

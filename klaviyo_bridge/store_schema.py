@@ -107,10 +107,12 @@ SCHEMA_V1: Final = (
 
 Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
 
+
 async def _migrate_v1(db: aiosqlite.Connection) -> None:
     """Create the initial schema."""
     for statement in SCHEMA_V1:
         await db.execute(statement)
+
 
 async def _migrate_v2(db: aiosqlite.Connection) -> None:
     """Remember when each order's current status was set (epoch seconds), bounding the reconcile sweep."""
@@ -119,6 +121,7 @@ async def _migrate_v2(db: aiosqlite.Connection) -> None:
     await db.execute("UPDATE orders SET status_at = CAST(strftime('%s', 'now') AS INTEGER)")
     await db.execute("CREATE INDEX orders_by_status ON orders (customer_id, status, status_at)")
     await db.execute("ALTER TABLE customers ADD COLUMN reconciled_at TEXT")
+
 
 async def _migrate_v3(db: aiosqlite.Connection) -> None:
     """Add the profile-reference key, Klaviyo error streaks, dropped-row counts and invalid-email orders."""
@@ -136,6 +139,7 @@ async def _migrate_v3(db: aiosqlite.Connection) -> None:
         ) WITHOUT ROWID"""
     )
 
+
 async def _migrate_v4(db: aiosqlite.Connection) -> None:
     """Mark history rows (sent by full bulk requests, not one by one) and record each customer's real interval."""
     await db.execute("ALTER TABLE outbox ADD COLUMN history INTEGER NOT NULL DEFAULT 0")
@@ -151,6 +155,7 @@ _MIGRATIONS: Final[tuple[Migration, ...]] = (_migrate_v1, _migrate_v2, _migrate_
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
+
 def _corrupt_message(path: Path, detail: str) -> str:
     """Explain to ops what to do (and not do) with an unreadable state database."""
     return (
@@ -160,14 +165,17 @@ def _corrupt_message(path: Path, detail: str) -> str:
         f"`sqlite3 {path} .recover`."
     )
 
+
 async def fetch_all(db: aiosqlite.Connection, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
     """Run a query and return every row."""
     return list(await db.execute_fetchall(sql, params))
+
 
 async def fetch_one(db: aiosqlite.Connection, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
     """Run a query and return its first row, if any."""
     rows = await fetch_all(db, sql, params)
     return rows[0] if rows else None
+
 
 async def run(db: aiosqlite.Connection, sql: str, params: Sequence[object] = ()) -> int:
     """Run a write statement and return how many rows it changed."""
@@ -177,6 +185,7 @@ async def run(db: aiosqlite.Connection, sql: str, params: Sequence[object] = ())
     finally:
         await cursor.close()
 
+
 async def run_many(db: aiosqlite.Connection, sql: str, rows: Iterable[Sequence[object]]) -> int:
     """Run a write statement once per parameter row and return how many rows changed in total."""
     cursor = await db.executemany(sql, rows)
@@ -185,12 +194,14 @@ async def run_many(db: aiosqlite.Connection, sql: str, rows: Iterable[Sequence[o
     finally:
         await cursor.close()
 
+
 async def _rollback_quietly(db: aiosqlite.Connection) -> None:
     """Roll back the open transaction, if there still is one."""
     # ROLLBACK fails harmlessly when BEGIN itself failed, or when a COMMIT whose await was cancelled
     # completed in aiosqlite's thread anyway; the original exception is what matters.
     with suppress(sqlite3.Error, ValueError):
         await db.execute("ROLLBACK")
+
 
 @asynccontextmanager
 async def transaction(db: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
@@ -205,6 +216,7 @@ async def transaction(db: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Conne
         await _rollback_quietly(db)
         raise
 
+
 async def profile_key(db: aiosqlite.Connection) -> bytes:
     """Return the key under which log lines name profiles (made once, by migration v3)."""
     row = await fetch_one(db, "SELECT value FROM meta WHERE name = 'profile_ref_key'")
@@ -212,10 +224,12 @@ async def profile_key(db: aiosqlite.Connection) -> bytes:
         raise StoreError("state database lacks its profile reference key (meta.profile_ref_key)")
     return bytes(row[0])
 
+
 async def _user_version(db: aiosqlite.Connection) -> int:
     """Return the schema version recorded in the database header."""
     row = await fetch_one(db, "PRAGMA user_version")
     return 0 if row is None else int(row[0])
+
 
 def _create_private_file(path: Path) -> bool:
     """Create an empty owner-only database file if there is none; return True if it was created.
@@ -233,6 +247,7 @@ def _create_private_file(path: Path) -> bool:
         return False
     return True
 
+
 def reserve_private_file(dest: Path) -> None:
     """Create ``dest`` empty and owner-only (VACUUM INTO fills an empty file); never overwrite one."""
     try:
@@ -241,6 +256,7 @@ def reserve_private_file(dest: Path) -> None:
         raise StoreError(f"{dest} already exists; a backup never overwrites a file") from None
     except OSError as exc:
         raise StoreError(f"cannot write backup {dest}: {exc.strerror or exc}") from None
+
 
 def _target(path: Path, readonly: bool) -> str:
     """Return what to hand sqlite3.connect: a read-only URI, or the path of a file that now exists."""
@@ -255,6 +271,7 @@ def _target(path: Path, readonly: bool) -> str:
     if not path.is_file():
         raise StoreError(f"no state database at {path}")
     return path.resolve().as_uri() + "?mode=ro"
+
 
 async def connect(path: Path, readonly: bool) -> aiosqlite.Connection:
     """Open the connection (read-only through a URI), translating failures into StoreError."""
@@ -271,6 +288,7 @@ async def connect(path: Path, readonly: bool) -> aiosqlite.Connection:
     db.row_factory = sqlite3.Row
     return db
 
+
 async def _reap_worker(connection: aiosqlite.Connection) -> None:
     """Wait until the worker thread of a connection that failed to open has stopped.
 
@@ -280,6 +298,7 @@ async def _reap_worker(connection: aiosqlite.Connection) -> None:
     worker = getattr(connection, "_thread", connection)  # aiosqlite < 0.21: the connection is the thread
     if isinstance(worker, threading.Thread) and worker.ident is not None:
         await asyncio.to_thread(worker.join, 5.0)
+
 
 async def check_health(db: aiosqlite.Connection, path: Path) -> None:
     """Refuse a file that is not SQLite or fails quick_check."""
@@ -294,6 +313,7 @@ async def check_health(db: aiosqlite.Connection, path: Path) -> None:
     if verdict != ["ok"]:
         raise StoreError(_corrupt_message(path, "quick_check: " + "; ".join(verdict[:5])))
 
+
 async def configure_writer(db: aiosqlite.Connection, path: Path) -> None:
     """Set the durability pragmas of the writer connection."""
     row = await fetch_one(db, "PRAGMA journal_mode = WAL")
@@ -303,6 +323,7 @@ async def configure_writer(db: aiosqlite.Connection, path: Path) -> None:
     await db.execute("PRAGMA synchronous = FULL")
     await db.execute("PRAGMA foreign_keys = ON")
 
+
 def _newer_schema_message(path: Path, version: int) -> str:
     """Explain a database written by a newer klaviyo-bridge."""
     return (
@@ -310,10 +331,12 @@ def _newer_schema_message(path: Path, version: int) -> str:
         "upgrade klaviyo-bridge. Do not delete the database: that would re-send history."
     )
 
+
 async def _has_foreign_objects(db: aiosqlite.Connection) -> bool:
     """Tell whether the database already holds tables it did not get from our migrations."""
     row = await fetch_one(db, "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
     return row is not None and int(row[0]) > 0
+
 
 async def _apply_migration(db: aiosqlite.Connection, path: Path, target: int) -> None:
     """Migrate to ``target`` in one transaction, re-checking the version under the write lock."""
@@ -328,6 +351,7 @@ async def _apply_migration(db: aiosqlite.Connection, path: Path, target: int) ->
         await db.execute(f"PRAGMA user_version = {int(target)}")
     log.info("state database migrated path=%s schema=v%d", path, target)
 
+
 async def migrate(db: aiosqlite.Connection, path: Path) -> None:
     """Bring the schema up to SCHEMA_VERSION; refuse a newer one."""
     version = await _user_version(db)
@@ -335,6 +359,7 @@ async def migrate(db: aiosqlite.Connection, path: Path) -> None:
         raise StoreError(_newer_schema_message(path, version))
     for target in range(version + 1, SCHEMA_VERSION + 1):
         await _apply_migration(db, path, target)
+
 
 async def check_version_readonly(db: aiosqlite.Connection, path: Path) -> None:
     """Refuse to read a database whose schema differs from this program's."""
