@@ -1467,11 +1467,19 @@ def test_webhook_problems_are_one_line_each(tmp_path: Path, webhooks: dict[str, 
 
 
 @pytest.mark.parametrize(("listen", "warned"), [("0.0.0.0:8787", True), ("10.1.2.3:8787", True),
+                                                ("hooks.example.com:8787", True),
                                                 ("127.0.0.2:8787", False), ("localhost:8787", False)])
 def test_a_receiver_off_loopback_is_warned_about(tmp_path: Path, listen: str, warned: bool) -> None:
     """Result: a listen address other than loopback warns (plain HTTP belongs behind a TLS proxy)."""
     warnings = load(tmp_path, {"webhooks": {"listen": listen}}).warnings
     assert bool([w for w in warnings if w.startswith("webhooks.listen: ")]) == warned
+
+
+def test_the_off_loopback_warning_says_why_and_what_to_do(tmp_path: Path) -> None:
+    """Result: the warning quotes the address and gives the reason and the fix, in these words."""
+    assert load(tmp_path, {"webhooks": {"listen": "0.0.0.0:8787"}}).warnings == (
+        'webhooks.listen: "0.0.0.0:8787" is not a loopback address; the receiver speaks plain HTTP, so keep it on '
+        "127.0.0.1 behind a TLS reverse proxy (README: Webhooks)",)
 
 
 def test_the_commented_webhooks_example_shows_the_defaults(tmp_path: Path) -> None:

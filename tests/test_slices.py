@@ -88,6 +88,23 @@ def test_remaining_is_estimated_from_the_density_read() -> None:
     assert slices.remaining(Slice(at(0), at(5), (at(10), 1), read=100), at(100), 100) == 0.0
 
 
+def test_remaining_is_unknown_until_orders_were_read_and_a_key_reached() -> None:
+    """Result: 0 (unknown) when orders were read but no key reached, or a key reached with no order read (a page of
+    nothing but skipped objects at the slice's very start, where a zero span would otherwise count as dense); one
+    order read is enough to estimate."""
+    assert slices.remaining(Slice(at(0), None, None, read=5), at(100), 100) == 0.0
+    assert slices.remaining(Slice(at(0), None, (at(0), 3), read=0), at(100), 100) == 0.0
+    assert slices.remaining(Slice(at(0), None, (at(10), 1), read=1), at(100), 10) == 0.9
+
+
+def test_a_page_without_a_key_keeps_where_the_slice_reached() -> None:
+    """1. A slice has reached second 40. 2. A page with no readable key and no malformed order is committed.
+    Result: reached stays at second 40 (a missing key never moves it back to nothing)."""
+    s = Slice(at(0), None, (at(40), 7), read=3)
+    slices.committed(s, None, None, 0, False)
+    assert (s.reached, s.read) == ((at(40), 7), 3)
+
+
 def test_split_only_when_more_than_one_and_a_half_pages_are_left() -> None:
     """A slice estimated at 9 pages left is split at the middle of what is left (whole milliseconds); one at 1.5
     pages or less, or a span under MIN_SPLIT_SPAN, or one that has read nothing yet, is not."""
