@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import time
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +33,7 @@ from kit.faultkit import (
     serve,
     shops,
 )
-from kit.hookkit import free_port, hook_sections, last_polls, receiver_url, wake_all
+from kit.hookkit import free_port, hook_sections, last_polls, orders_requests, receiver_url, wake_all
 
 from klaviyo_bridge.sandbox.whiplash import OrderScript
 
@@ -227,9 +228,10 @@ async def test_kill_in_a_poll_a_webhook_woke(tmp_path: Path, point: str, nth: in
             assert await proc.stop() == 0
         sims.whiplash.subscribe(receiver_url(port), customer_id=SHOP.cid)
         polled = last_polls(bridge.state_path, [SHOP.cid])
+        restarted = time.monotonic()
         async with bridge.running(failpoints=f"{point}=kill@{nth}") as proc:
             await proc.wait_for_line("webhooks listening", 20)
-            await first_poll(bridge, port, polled)
+            await first_poll(bridge, sims, port, polled, restarted)
             script.spawn(2)
             script.tick(share=1.0)
             ledger.observe_all()
@@ -258,14 +260,21 @@ async def synced(bridge: Bridge, sims: Sims) -> None:
 
 
 
-async def first_poll(bridge: Bridge, port: int, before: dict[int, str | None]) -> None:
-    """Wait for the daemon's first poll (nothing new: one page, nothing to send): the start-up poll, or, when the
-    first scheduled poll waits for a later slot of the interval, one a webhook wakes now."""
-    def polled() -> bool:
+async def first_poll(bridge: Bridge, sims: Sims, port: int, before: dict[int, str | None], since: float) -> None:
+    """Wait for the daemon's first poll (nothing new: one page, nothing to send) to be recorded: the start-up poll,
+    or, when the first scheduled poll waits for a later slot of the interval, one a webhook wakes now.
+
+    A poll is seen starting in Whiplash's request log at once; its record reaches the state DB up to POLL_FLUSH_S
+    later (poll times are written in batches). Waking it only when none has started keeps it one poll: a wake
+    during the start-up poll would add a second one, which would reach the armed point before any order moves."""
+    def started() -> bool:
+        return orders_requests(sims.whiplash, SHOP.cid, since) > 0
+
+    def recorded() -> bool:
         return last_polls(bridge.state_path, [SHOP.cid]) != before
 
     try:
-        await eventually(polled, limit_s=3, what="the start-up poll")
+        await eventually(started, limit_s=3, what="the start-up poll")
     except AssertionError:
         await wake_all(port)
-        await eventually(polled, limit_s=10, what="the first poll")
+    await eventually(recorded, limit_s=15, what="the first poll to be recorded")
