@@ -2,7 +2,7 @@
 
 Invariants: none of them swallows cancellation; ``together`` never leaves a sibling running after one failed
 (a row must never be in two requests at once); ``guarded`` turns a failed cycle into one logged line so a
-loop survives.
+loop survives; ``relay`` never outlives its block.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,46 @@ async def wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float | No
     finally:
         for w in waiters:
             w.cancel()
+
+
+async def wait_set(event: asyncio.Event, seconds: float | None) -> bool:
+    """Wait until ``event`` is set, setting it after ``seconds`` (None: never) if nothing else has; return True
+    when the time ran out (the caller clears the event when it acts on it).
+
+    One future and one timer per wait, where ``wait_any`` starts two tasks and cancels them again: what a
+    thousand idle loops would pay on every tick. Pair it with ``relay`` so that stopping still ends the wait.
+    """
+    rang = False
+
+    def ring() -> None:
+        nonlocal rang
+        rang = True
+        event.set()
+
+    timer = None if seconds is None else asyncio.get_running_loop().call_later(max(0.0, seconds), ring)
+    try:
+        await event.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return rang
+
+
+@contextlib.asynccontextmanager
+async def relay(stop: asyncio.Event, *events: asyncio.Event) -> AsyncIterator[None]:
+    """Set ``events`` once ``stop`` is set, for the duration of the block (one task for the block's whole life)."""
+
+    async def forward() -> None:
+        await stop.wait()
+        for event in events:
+            event.set()
+
+    task = asyncio.create_task(forward(), name="relay-stop")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait([task])  # raises nothing of the task's; the caller's own cancellation still does
 
 
 async def together(*coros: Awaitable[T]) -> list[T]:

@@ -74,6 +74,7 @@ class SyncStats:
     malformed: int = 0
     lag_s: float = 0.0  # age of the newest change that produced an event, at commit time
     pages: int = 0
+    cursor: Key | None = None  # where the walk moved the customer's cursor (None: it did not move it)
 
     def add(self, page: Page, plan: core.Plan, queued: int, already: int, now: datetime) -> None:
         """Count one committed page."""
@@ -160,6 +161,7 @@ async def sync_window(
             plan, queued, already = await commit_page(store, rules, page, cursor, now)
             failpoints.hit("after_outbox_commit")
             stats.add(page, plan, queued, already, now)
+            stats.cursor = cursor or stats.cursor
             log.debug("page committed customer=%s orders=%d malformed=%d queued=%d cursor=%s", rules.customer_id,
                       len(page.orders), len(page.malformed), queued, "held" if cursor is None else cursor[0])
             if on_page is not None:
@@ -183,8 +185,9 @@ class SlicedWalk:
     It starts as one reader over the whole window. After each page it commits, a reader starts more readers, up to
     ``parallel``, each on the second half of the busy slice with the most pages left (``slices.best_split``, which
     knows the density from the pages read); a reader done with its slice takes such a half itself before it ends.
-    So a short or empty window costs what a plain walk costs (one request, one task: a thousand idle customers must
-    not pay for readers they do not need) and a long one keeps ``parallel`` requests busy from its second page on.
+    So a short or empty window costs one request and no task (its one page is read and committed by the caller's
+    task: a thousand idle customers must not pay for readers they do not need) and a long one keeps ``parallel``
+    requests busy from its second page on.
     Commits are one at a time (one lock): each page's memory, outbox rows and the cursor of the committed prefix
     go in one transaction, and the plan of a page sees every page committed before it, so an order read by two
     slices (it changed mid-walk) is announced once.
@@ -229,8 +232,16 @@ class SlicedWalk:
         first = slices.first_slice(since.astimezone(UTC))
         self.slices.append(first)
         self.written = stored if self.move_cursor else None
-        self._start(_Reading(first, keyset_from(self.cid, since)))
+        reading = _Reading(first, keyset_from(self.cid, since))
+        self.busy.append(reading)
         try:
+            # The first page is read in this task: an idle window is one short page, and a thousand idle customers
+            # must not pay for reader tasks they do not need. A window with more to read gets its readers now.
+            step = await self.whiplash.step(self.cid, reading.at, until=first.until, lane=self.lane)
+            if step.next.done:
+                await self._reader(reading, step)
+            else:
+                self._readers.add(asyncio.ensure_future(self._reader(reading, step)))
             while self._readers:
                 done, _ = await asyncio.wait(self._readers, return_when=asyncio.FIRST_EXCEPTION)
                 self._readers -= done
@@ -255,13 +266,15 @@ class SlicedWalk:
         while not self._stopping() and len(self.busy) < self.parallel and (reading := self._split()) is not None:
             self._start(reading)
 
-    async def _reader(self, reading: _Reading | None) -> None:
-        """Walk a slice, then take the half of a busy one worth splitting, until none is left."""
+    async def _reader(self, reading: _Reading | None, first: Step | None = None) -> None:
+        """Walk a slice (from its ``first`` step, when already read), then take the half of a busy one worth
+        splitting, until none is left."""
         while reading is not None:
             try:
-                await self._walk(reading)
+                await self._walk(reading, first)
             finally:
                 self.busy.remove(reading)
+            first = None
             reading = None if self._stopping() else self._split()
             if reading is not None:
                 self.busy.append(reading)
@@ -276,14 +289,14 @@ class SlicedWalk:
         log.debug("slice split customer=%s at=%s slices=%d", self.cid, at.isoformat(), len(self.slices))
         return _Reading(taken, keyset_from(self.cid, at))
 
-    async def _walk(self, reading: _Reading) -> None:
+    async def _walk(self, reading: _Reading, first: Step | None = None) -> None:
         """Walk one slice page by page until its range is read (its end may move closer when it is split).
 
         The next page is fetched while this one is committed, as in the plain walk: a slice then waits for
         Whiplash or for the commit lock, whichever is slower, not for both in turn.
         """
         s = reading.slice
-        ahead = self._fetch(reading)
+        ahead = self._fetch(reading) if first is None else _ready(first)
         try:
             while ahead is not None:
                 step = await ahead
@@ -308,9 +321,9 @@ class SlicedWalk:
             cursor = self._cursor()
             if cursor is not None:
                 await self.store.move_cursor(self.cid, cursor)
-                self.written = cursor
+                self.written = self.stats.cursor = cursor
 
-    def _fetch(self, reading: _Reading) -> asyncio.Task[Step] | None:
+    def _fetch(self, reading: _Reading) -> asyncio.Future[Step] | None:
         """Start reading the slice's next page (None: its range is read, possibly cut short by a split)."""
         s, at = reading.slice, reading.at
         if at.done or (s.until is not None and at.key[0] >= s.until):
@@ -332,7 +345,7 @@ class SlicedWalk:
                 raise
             failpoints.hit("after_outbox_commit")
             if cursor is not None:
-                self.written = cursor
+                self.written = self.stats.cursor = cursor
         self.stats.add(page, plan, queued, already, now)
         log.debug("page committed customer=%s orders=%d malformed=%d queued=%d cursor=%s", self.cid,
                   len(page.orders), len(page.malformed), queued, "held" if cursor is None else cursor[0])
@@ -347,6 +360,13 @@ class SlicedWalk:
         if cursor is None or (self.written is not None and cursor <= self.written):
             return None
         return cursor
+
+
+def _ready(step: Step) -> asyncio.Future[Step]:
+    """Return a future already holding ``step``: a page read before its reader began is awaited like the others."""
+    future: asyncio.Future[Step] = asyncio.get_running_loop().create_future()
+    future.set_result(step)
+    return future
 
 
 _BEFORE_ALL: Key = (datetime.min.replace(tzinfo=UTC), 0)

@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timedelta
 
 from . import core
-from .aio import guarded, sleep_unless, wait_any
+from .aio import guarded, relay, sleep_unless, wait_any, wait_set
 from .budget import Lane, round_seconds
 from .clock import WallClock, utcnow
 from .config import CustomerSettings, Settings
@@ -34,7 +34,7 @@ from .klaviyo import KlaviyoClient
 from .metrics import MetricsSink, NoMetrics
 from .store import Store
 from .sync import ChangeSource, SyncStats, reconcile_shipped, sync_window
-from .whiplash import Page
+from .whiplash import Key, Page
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class CustomerWorker:
         self.reading = False  # a poll is reading: history rows wait for full bulk requests until it ends
         self._reconciled_at: datetime | None = None  # when the last reconcile sweep ran (read from the store once)
         self._last_poll_started: datetime | None = None
+        # The cursor and the last successful poll, read from the store once (None: not yet, or a failed walk may
+        # have moved the cursor): this worker's walks and polls are their only writers, so an idle poll reads nothing.
+        self._polled_from: tuple[Key | None, datetime | None] | None = None
         self._round_s = round_seconds(len(settings.enabled_customers()), settings.whiplash.max_requests_per_second,
                                       settings.bridge.poll_interval_seconds)
 
@@ -154,16 +157,26 @@ class CustomerWorker:
     async def poll_once(self) -> SyncStats:
         """Walk Whiplash's changes since the cursor (minus the overlap), committing page by page."""
         await self.store.ensure_customer(self.cid)
-        state = await self.store.customer_state(self.cid)
+        cursor, last_ok = await self._polled_state()
         since = self.window_start()
         overlap = timedelta(seconds=self.settings.whiplash.overlap_seconds)
-        if state.cursor is not None:
-            since = max(since, state.cursor[0] - overlap)
-        return await sync_window(
+        if cursor is not None:
+            since = max(since, cursor[0] - overlap)
+        self._polled_from = None  # until the walk ends well: a failed one may have moved the cursor
+        stats = await sync_window(
             self.whiplash, self.store, self.rules, since, move_cursor=True, clock=self.clock,
-            on_page=self._on_page, stop=self._stop, lane=self._lane(state.last_poll_ok_at),
-            parallel=self.settings.whiplash.max_concurrent_requests, stored=state.cursor,
+            on_page=self._on_page, stop=self._stop, lane=self._lane(last_ok),
+            parallel=self.settings.whiplash.max_concurrent_requests, stored=cursor,
         )
+        self._polled_from = (stats.cursor or cursor, last_ok)
+        return stats
+
+    async def _polled_state(self) -> tuple[Key | None, datetime | None]:
+        """Return the customer's cursor and last successful poll (the store is read when they are not known)."""
+        if self._polled_from is None:
+            state = await self.store.customer_state(self.cid)
+            self._polled_from = (state.cursor, state.last_poll_ok_at)
+        return self._polled_from
 
     def _lane(self, last_ok: datetime | None) -> Lane:
         """Return the lane of this poll: background for the first walk (the backfill) and a catch-up after an outage
@@ -279,8 +292,11 @@ class CustomerWorker:
         """Record a poll's outcome; a state DB that cannot take the write (locked, full) is logged, not raised."""
         if interval_s is not None:
             self.metrics.set_poll_interval_achieved(self.cid, interval_s)
+        now = self.clock()
+        if ok and self._polled_from is not None:
+            self._polled_from = (self._polled_from[0], now)
         try:
-            await self.store.record_poll(self.cid, self.clock(), ok, error, interval_s=interval_s)
+            await self.store.record_poll(self.cid, now, ok, error, interval_s=interval_s)
         except StoreError as exc:
             log.error("poll outcome not recorded customer=%s error=%s action=%s", self.cid, exc, _poll_advice(exc))
 
@@ -375,18 +391,19 @@ class CustomerWorker:
         interval = self.settings.bridge.poll_interval_seconds
         self._stop = stop
         next_tick = time.monotonic() + poll_phase(self.cid, interval, time.time())
-        await wait_any(stop, self.poll_requested, next_tick - time.monotonic())  # a webhook need not wait
-        while not stop.is_set():
-            self.poll_requested.clear()  # this poll reads what every request so far was about
-            scheduled = time.monotonic() >= next_tick
-            stats = await guarded(self.poll_cycle(scheduled=scheduled), f"poll customer={self.cid}")
-            self.progress, self.last_cycle_at = time.monotonic(), self.clock()
-            self.summarise(stats or SyncStats())
-            # A requested poll before the tick leaves the tick where it was; a cycle longer than the interval
-            # starts the next one at once instead of bursting to catch up.
-            if time.monotonic() >= next_tick:
-                next_tick = max(next_tick + interval, time.monotonic())
-            await wait_any(stop, self.poll_requested, next_tick - time.monotonic())
+        async with relay(stop, self.poll_requested):
+            ticked = await wait_set(self.poll_requested, next_tick - time.monotonic())  # a webhook need not wait
+            while not stop.is_set():
+                self.poll_requested.clear()  # this poll reads what every request so far was about
+                scheduled = ticked or time.monotonic() >= next_tick
+                stats = await guarded(self.poll_cycle(scheduled=scheduled), f"poll customer={self.cid}")
+                self.progress, self.last_cycle_at = time.monotonic(), self.clock()
+                self.summarise(stats or SyncStats())
+                # A requested poll before the tick leaves the tick where it was; a cycle longer than the interval
+                # starts the next one at once instead of bursting to catch up.
+                if scheduled or time.monotonic() >= next_tick:
+                    next_tick = max(next_tick + interval, time.monotonic())
+                ticked = await wait_set(self.poll_requested, next_tick - time.monotonic())
 
     async def run_sender(self, stop: asyncio.Event, *, burst: asyncio.Event | None = None) -> None:
         """Deliver whenever rows are queued or come due, until ``stop`` is set.
@@ -394,21 +411,22 @@ class CustomerWorker:
         With ``burst`` (set when the burst's poll is done) it delivers each committed page as it comes, makes one
         last delivery once the poll is done and returns; it neither waits for later retries nor probes a refused key.
         """
-        while not stop.is_set():
-            last = burst is not None and burst.is_set()
-            self.wake.clear()
-            await guarded(self.deliver_cycle(), f"deliver customer={self.cid}")
-            if last:
-                return
-            if burst is not None and self.deliverer.key_refused:
-                await burst.wait()
-            elif burst is not None:
-                await wait_any(burst, self.wake, None)
-            elif self.deliverer.key_refused:
-                await sleep_unless(stop, self.settings.klaviyo.key_probe_seconds)
-                self.deliverer.key_refused = False
-            else:
-                await wait_any(stop, self.wake, await self._until_next_due())
+        async with relay(stop, self.wake):
+            while not stop.is_set():
+                last = burst is not None and burst.is_set()
+                self.wake.clear()
+                await guarded(self.deliver_cycle(), f"deliver customer={self.cid}")
+                if last:
+                    return
+                if burst is not None and self.deliverer.key_refused:
+                    await burst.wait()
+                elif burst is not None:
+                    await wait_any(burst, self.wake, None)
+                elif self.deliverer.key_refused:
+                    await sleep_unless(stop, self.settings.klaviyo.key_probe_seconds)
+                    self.deliverer.key_refused = False
+                else:
+                    await wait_set(self.wake, await self._until_next_due())
 
     async def _until_next_due(self) -> float | None:
         """Return seconds until the earliest rescheduled row is due (at most a minute), or None when nothing is
@@ -431,6 +449,7 @@ def _combined(walk: SyncStats, sweep: SyncStats) -> SyncStats:
         malformed=walk.malformed + sweep.malformed,
         lag_s=max(walk.lag_s, sweep.lag_s),
         pages=walk.pages + sweep.pages,
+        cursor=walk.cursor,
     )
 
 
