@@ -46,6 +46,7 @@ RECOVERY_S = 10.0
 MAX_PAUSE_S = 120.0
 BACKGROUND_EVERY = 10  # while live polls queue, every 10th start goes to a waiting background read
 USAGE_WINDOW_S = 10.0  # requests/s is reported as an average over this many seconds
+TIMER_SLACK_S = 0.001  # a grant timer this close to a new reckoning is kept, not re-armed
 
 
 class Lane(IntEnum):
@@ -175,9 +176,8 @@ class WhiplashBudget:
         """Grant slots to waiters, in lane order, while both limits allow; else wake up when they will."""
         while self._in_flight < self.concurrent and self._someone_waits():
             now = self._clock()
-            wait = self._wait(now)
-            if wait > 0.0:
-                self._wake_in(wait)
+            if self._wait(now) > 0.0:
+                self._wake_in(self._wait(now, self._group()))
                 return
             self._in_flight += 1
             self._starts.append(now)
@@ -193,7 +193,8 @@ class WhiplashBudget:
 
     def _next_queue(self) -> deque[asyncio.Future[None]]:
         """Return the non-empty queue whose head starts next."""
-        token, live, background = (self._queues[lane] for lane in Lane)
+        queues = self._queues  # by name, not by iterating the enum: this runs for every request
+        token, live, background = queues[Lane.TOKEN], queues[Lane.LIVE], queues[Lane.BACKGROUND]
         if token:
             return token
         if live and background:
@@ -203,15 +204,26 @@ class WhiplashBudget:
                 return background
         return live or background
 
-    def _wait(self, now: float) -> float:
-        """Return seconds until one more request may start (0: now)."""
+    def _group(self) -> int:
+        """Return how many waiters the rate limit should let go together: as many as wait, up to the concurrency.
+
+        Granted one by one as each start leaves the window, a queue of polls costs the process one wake-up (and a
+        cold start of the interpreter's caches) per request; granted together, the same starts cost one per group,
+        at the same rate: the group's last slot opens no later than it would have one by one.
+        """
+        waiting = sum(len(queue) for queue in self._queues.values())
+        return max(1, min(waiting, self.concurrent, self._effective))
+
+    def _wait(self, now: float, starts: int = 1) -> float:
+        """Return seconds until ``starts`` more requests may start (0: now)."""
         self._recover(now)
         self._forget_before(now)
         pause = self._paused_until - now
-        if len(self._starts) < self._effective:
+        starts = min(starts, self._effective)
+        if len(self._starts) + starts <= self._effective:
             return max(0.0, pause)
-        # The oldest start that still counts must leave the window (plus the margin) first.
-        oldest = self._starts[len(self._starts) - self._effective]
+        # The oldest starts that still count must leave the window (plus the margin) first.
+        oldest = self._starts[len(self._starts) - self._effective + starts - 1]
         return max(pause, oldest + WINDOW_S + JITTER_MARGIN_S - now, 0.0)
 
     def _forget_before(self, now: float) -> None:
@@ -231,10 +243,11 @@ class WhiplashBudget:
             self._last_throttle += steps * RECOVERY_S
 
     def _wake_in(self, seconds: float) -> None:
-        """Run ``_grant`` again in ``seconds`` (one timer at a time, the earliest wins)."""
+        """Run ``_grant`` again in ``seconds`` (one timer at a time, for the latest reckoning: the group it waits for
+        may have grown since it was set)."""
         loop = asyncio.get_running_loop()
         when = loop.time() + seconds
-        if self._timer is not None and not self._timer.cancelled() and self._timer.when() <= when:
+        if self._timer is not None and not self._timer.cancelled() and abs(self._timer.when() - when) < TIMER_SLACK_S:
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -59,6 +59,27 @@ async def test_concurrency_is_bounded() -> None:
     assert budget.usage().in_flight == 0
 
 
+async def test_a_queue_under_the_rate_limit_starts_in_groups_at_the_same_rate() -> None:
+    """1. Budget 4/s, 2 at a time; four requests start 0.1 s apart (the window fills). 2. Four more queue at once.
+    Result: they start in two pairs (each pair together: one wake-up per pair, not per request), the last no later
+    than one by one would have let it, and no interval of one second holds more than 4 starts."""
+    budget = WhiplashBudget(4, 2)
+    starts: list[float] = []
+    for _ in range(4):
+        await spend(budget, Lane.LIVE, starts)
+        await asyncio.sleep(0.1)
+    first = starts[0]
+    queued: list[float] = []
+    await asyncio.gather(*(spend(budget, Lane.LIVE, queued) for _ in range(4)))
+    queued.sort()
+    assert queued[1] - queued[0] < 0.02  # a pair
+    assert queued[3] - queued[2] < 0.02
+    assert queued[2] - queued[1] > 0.1  # the second pair waited for its own two slots
+    one_by_one_last = first + 0.3 + budget_module.WINDOW_S + budget_module.JITTER_MARGIN_S
+    assert queued[3] <= one_by_one_last + 0.05
+    assert max_in_any_window(starts + queued) == 4
+
+
 async def test_live_goes_before_background_and_tokens_before_both() -> None:
     """1. Budget 1 at a time; hold the slot. 2. Queue 3 background reads, then 2 live polls, then a token request.
     3. Release. Result: the token first, then the live polls, then the background reads, each lane in arrival order."""
