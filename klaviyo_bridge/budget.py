@@ -27,8 +27,6 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -94,6 +92,23 @@ class BudgetUsage:
         return f"whiplash={self.requests_per_s:.1f}/{self.effective_per_s}rps waiting={waiting}"
 
 
+class Slot:
+    """``async with budget.slot(lane)``: a plain class, not a generator-based context manager, because every
+    Whiplash request of every customer makes one."""
+
+    __slots__ = ("_budget", "_lane")
+
+    def __init__(self, budget: WhiplashBudget, lane: Lane) -> None:
+        self._budget = budget
+        self._lane = lane
+
+    async def __aenter__(self) -> None:
+        await self._budget.acquire(self._lane)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._budget.release()
+
+
 class WhiplashBudget:
     """At most ``per_second`` request starts per second and ``concurrent`` in flight, for the whole process."""
 
@@ -117,14 +132,9 @@ class WhiplashBudget:
     def __repr__(self) -> str:
         return f"WhiplashBudget(per_second={self.limit}, concurrent={self.concurrent})"
 
-    @asynccontextmanager
-    async def slot(self, lane: Lane) -> AsyncIterator[None]:
-        """Hold one request slot of ``lane`` for the duration of the block."""
-        await self._acquire(lane)
-        try:
-            yield
-        finally:
-            self._release()
+    def slot(self, lane: Lane) -> Slot:
+        """Hold one request slot of ``lane`` for the duration of an ``async with`` block."""
+        return Slot(self, lane)
 
     def throttled(self, retry_after: float | None) -> None:
         """Record a 429: pause every lane until ``retry_after`` (or one window) and halve the rate."""
@@ -155,8 +165,9 @@ class WhiplashBudget:
 
     # -- granting -------------------------------------------------------------------------------------------
 
-    async def _acquire(self, lane: Lane) -> None:
-        """Wait for a slot; a cancelled waiter gives back a slot it was granted meanwhile."""
+    async def acquire(self, lane: Lane) -> None:
+        """Wait for a slot (``slot`` pairs it with ``release``); a cancelled waiter gives back a slot it was granted
+        meanwhile."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queues[lane].append(future)
         self._grant()
@@ -164,11 +175,11 @@ class WhiplashBudget:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self._release()  # granted, then cancelled before it could use the slot
+                self.release()  # granted, then cancelled before it could use the slot
             raise
 
-    def _release(self) -> None:
-        """Give a slot back and let the next waiter go."""
+    def release(self) -> None:
+        """Give back a slot ``acquire`` granted and let the next waiter go."""
         self._in_flight -= 1
         self._grant()
 

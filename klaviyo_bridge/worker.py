@@ -104,16 +104,17 @@ class CustomerWorker:
         # The cursor and the last successful poll, read from the store once (None: not yet, or a failed walk may
         # have moved the cursor): this worker's walks and polls are their only writers, so an idle poll reads nothing.
         self._polled_from: tuple[Key | None, datetime | None] | None = None
+        self._launch_at = midnight_utc(customer.launch_date)  # asked on every poll: worked out once
         self._round_s = round_seconds(len(settings.enabled_customers()), settings.whiplash.max_requests_per_second,
                                       settings.bridge.poll_interval_seconds)
 
     def is_launched(self, now: datetime) -> bool:
         """Tell whether the customer's launch date has come (polling starts then)."""
-        return now >= midnight_utc(self.customer.launch_date)
+        return now >= self._launch_at
 
     def window_start(self) -> datetime:
         """Return where a new customer's cursor starts: launch date minus the backfill days."""
-        return midnight_utc(self.customer.launch_date) - timedelta(days=self.customer.backfill_days)
+        return self._launch_at - timedelta(days=self.customer.backfill_days)
 
     async def ensure_setup(self) -> None:
         """Ensure the list exists and, once per customer, queue the default profile and sample events.
@@ -188,7 +189,7 @@ class CustomerWorker:
         # counting lateness from the interval would push the unlucky into the background lane, where they starve.
         interval = timedelta(seconds=self._round_s)
         # A poll before launch read nothing: the first one after it walks the whole backfill window.
-        read_since_launch = last_ok is not None and last_ok >= midnight_utc(self.customer.launch_date)
+        read_since_launch = last_ok is not None and last_ok >= self._launch_at
         recent = last_ok is not None and self.clock() - last_ok <= CATCH_UP_INTERVALS * interval
         return Lane.LIVE if read_since_launch and recent else Lane.BACKGROUND
 
