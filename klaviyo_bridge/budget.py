@@ -11,6 +11,8 @@ the same budget. ``WhiplashBudget`` is that budget, shared by the whole process:
   live polls, then background reads (backfill, catch-up, reconcile sweeps, resync), so a big merchant's
   onboarding never delays another merchant's "Order shipped". Only when live polls alone would use the whole
   budget does one start in ``BACKGROUND_EVERY`` go to a background read, so an onboarding still ends;
+- while the rate limit holds a queue back, its waiters go in groups (as many as wait, up to ``concurrent``) as
+  their slots open: the same rate, but one wake-up of the process per group, not per request;
 - a 429 slows everyone: nobody starts a request until its Retry-After (at most ``MAX_PAUSE_S``; without one,
   one whole window) has passed, and the
   per-second limit halves, growing back by one each ``RECOVERY_S`` without a 429 (additive increase,
